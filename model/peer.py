@@ -1,0 +1,103 @@
+"""PEER: Parameter Efficient Expert Retrieval (He 2024, "Mixture of A Million Experts", sec. 2).
+
+N single-neuron experts e_i(x) = act(u_i . x) v_i, retrieved per token and head by product keys:
+  I_h(x)    = top-k over i of q_h(x) . k_i                      (exact, via product keys; sec. 2.1)
+  g_hi(x)   = softmax over the k retrieved scores of head h        (Algorithm 1; "sigmoid" option)
+  f(x)      = sum over heads h, sum over i in I_h(x) of g_hi(x) e_i(x)
+The h heads have their own query networks but share one pool of experts and one set of sub-keys.
+With top_k = 1 an h-head PEER is exactly an MLP with h hidden neurons (Eq. 8).
+
+Defaults and choices the paper leaves open (stated here because they differ from, or add to, it):
+- Query network: one bias-free linear map dim -> heads * query_dim.
+- Query batch norm (on by default, as in the paper): BatchNorm1d over the heads * query_dim features,
+  statistics taken over all tokens of the batch in training mode; in eval mode the running statistics are
+  used, so evaluation is per-token and batch-independent. Padding tokens would enter the training-mode
+  statistics: feed full sequences (peer-sweeps never pads) or mask them out before the layer.
+- Initialisation: u, v ~ N(0, 1/dim); sub-keys ~ N(0, 1/(query_dim/2)); query map as nn.Linear.
+
+This module is the simple reference implementation (it gathers the [..., H, K, dim] expert rows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .product_keys import product_key_topk
+from .routing import RoutingStats
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
+def check_product_key_shape(num_experts: int, top_k: int, query_dim: int) -> int:
+    """Validates a product-key layout; returns sqrt(num_experts)."""
+    num_sub_keys = math.isqrt(num_experts)
+    if num_sub_keys * num_sub_keys != num_experts:
+        raise ValueError(f"num_experts={num_experts} is not a perfect square")
+    if query_dim % 2:
+        raise ValueError(f"query_dim={query_dim} must be even (it is split into two sub-queries)")
+    if not 1 <= top_k <= num_sub_keys:
+        raise ValueError(f"top_k={top_k} must be between 1 and sqrt(num_experts)={num_sub_keys}")
+    return num_sub_keys
+
+
+class PEER(nn.Module):
+    """A PEER layer mapping x[..., dim] to the same shape (see the module docstring)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        heads: int,
+        top_k: int,
+        query_dim: int,
+        query_bn: bool = True,
+        activation: str = "gelu",
+        score_fn: str = "softmax",
+    ):
+        super().__init__()
+        num_sub_keys = check_product_key_shape(num_experts, top_k, query_dim)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)}")
+        if score_fn not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_fn={score_fn!r}: expected 'softmax' or 'sigmoid'")
+        self.dim, self.num_experts, self.heads, self.top_k = dim, num_experts, heads, top_k
+        self.query_dim, self.activation, self.score_fn = query_dim, activation, score_fn
+
+        self.query_proj = nn.Linear(dim, heads * query_dim, bias=False)
+        self.query_norm = nn.BatchNorm1d(heads * query_dim) if query_bn else None
+        self.sub_keys = nn.Parameter(torch.randn(2, num_sub_keys, query_dim // 2) * (query_dim / 2) ** -0.5)
+        self.w_down = nn.Embedding(num_experts, dim)  # u_i
+        self.w_up = nn.Embedding(num_experts, dim)  # v_i
+        nn.init.normal_(self.w_down.weight, std=dim**-0.5)
+        nn.init.normal_(self.w_up.weight, std=dim**-0.5)
+        self.routing_stats = RoutingStats(num_experts)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """The retrieval queries, after batch norm: [..., heads, query_dim]."""
+        q = self.query_proj(x)
+        if self.query_norm is not None:
+            q = self.query_norm(q.reshape(-1, q.shape[-1])).reshape(q.shape)
+        return q.unflatten(-1, (self.heads, self.query_dim))
+
+    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, indices), each [..., heads, top_k]: the exact top-k experts and their raw scores."""
+        return product_key_topk(self.query(x), self.sub_keys, self.top_k)
+
+    def gates(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.score_fn == "softmax":
+            return scores.softmax(dim=-1)
+        return scores.sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, indices = self.retrieve(x)  # [..., H, K]
+        gates = self.gates(scores)
+        self.routing_stats.add(indices, gates)
+        down = self.w_down(indices)  # [..., H, K, D]
+        up = self.w_up(indices)  # [..., H, K, D]
+        hidden = torch.einsum("...d,...hkd->...hk", x, down)
+        hidden = ACTIVATIONS[self.activation](hidden) * gates
+        return torch.einsum("...hk,...hkd->...d", hidden, up)

@@ -1,0 +1,47 @@
+"""Product-key memory (Lample et al. 2019), the paper's PKM baseline (sec. 3.1).
+
+Per head h: a query q_h(x) (one shared linear map, then batch norm over all heads' features), its own
+product keys (two sets of sqrt(N) sub-keys of dimension query_dim/2), exact top-k retrieval, softmax over
+the k scores. The output is sum over heads of the score-weighted sum of the retrieved value rows; the
+values (N, dim) are shared by the heads. Weighted sums use `F.embedding_bag` so the [..., H*K, dim]
+gathered rows are never materialised. Query batch norm behaves as in PEER (see model/peer.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .peer import check_product_key_shape
+from .product_keys import product_key_topk
+from .routing import RoutingStats
+
+
+class PKM(nn.Module):
+    def __init__(self, dim: int, num_memories: int, heads: int, top_k: int, query_dim: int, query_bn: bool = True):
+        super().__init__()
+        num_sub_keys = check_product_key_shape(num_memories, top_k, query_dim)
+        self.dim, self.num_memories, self.heads, self.top_k, self.query_dim = dim, num_memories, heads, top_k, query_dim
+        self.query_proj = nn.Linear(dim, heads * query_dim, bias=False)
+        self.query_norm = nn.BatchNorm1d(heads * query_dim) if query_bn else None
+        self.sub_keys = nn.Parameter(torch.randn(heads, 2, num_sub_keys, query_dim // 2) * (query_dim / 2) ** -0.5)
+        self.values = nn.Parameter(torch.randn(num_memories, dim) * dim**-0.5)
+        self.routing_stats = RoutingStats(num_memories)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query_proj(x)
+        if self.query_norm is not None:
+            q = self.query_norm(q.reshape(-1, q.shape[-1])).reshape(q.shape)
+        return q.unflatten(-1, (self.heads, self.query_dim))
+
+    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return product_key_topk(self.query(x), self.sub_keys, self.top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, indices = self.retrieve(x)  # [..., H, K]
+        weights = scores.softmax(dim=-1)
+        self.routing_stats.add(indices, weights)
+        bags = indices.reshape(-1, self.heads * self.top_k)
+        out = F.embedding_bag(bags, self.values, per_sample_weights=weights.reshape(bags.shape), mode="sum")
+        return out.view(*x.shape[:-1], self.dim)

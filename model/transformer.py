@@ -1,0 +1,110 @@
+"""A decoder-only pre-norm Transformer (GPT-2 style, learned positions) whose chosen blocks swap the dense
+FFW for a sparse layer: MoE, PKM or PEER (the paper replaces the middle block's FFW)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import CausalSelfAttention
+from .config import ModelConfig, MoEConfig, PEERConfig, PKMConfig
+from .ffw import DenseFFW
+from .moe import MoE
+from .peer import PEER
+from .pkm import PKM
+from .routing import usage, unevenness
+
+
+def build_ffw(cfg: ModelConfig, layer: int) -> nn.Module:
+    s, d = cfg.sparse, cfg.d_model
+    if layer not in cfg.sparse_layer_ids:
+        return DenseFFW(d, cfg.ffw_dim)
+    if isinstance(s, MoEConfig):
+        return MoE(d, cfg.ffw_dim, s.num_experts, s.routing, s.capacity_factor, s.top_k)
+    if isinstance(s, PKMConfig):
+        return PKM(d, s.num_experts, s.heads, s.top_k, s.query_dim, s.query_bn)
+    assert isinstance(s, PEERConfig)
+    return PEER(d, s.num_experts, s.heads, s.top_k, s.query_dim, s.query_bn, s.activation, s.score_fn)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffw = build_ffw(cfg, layer)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.ffw(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """Maps token ids LongTensor[B, T] to logits [B, T, vocab_size]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_backbone()
+
+    def _init_backbone(self):
+        """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers).
+        Sparse layers keep their own initialisation."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=0.02)
+            nn.init.normal_(block.attn.out.weight, std=residual_std)
+            if isinstance(block.ffw, DenseFFW):
+                nn.init.normal_(block.ffw.up.weight, std=0.02)
+                nn.init.normal_(block.ffw.down.weight, std=residual_std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    # Routing statistics of the sparse layers (usage, unevenness), accumulated over an evaluation pass.
+
+    def sparse_layers(self) -> list[nn.Module]:
+        return [block.ffw for block in self.blocks if hasattr(block.ffw, "routing_stats")]
+
+    def collect_routing_stats(self, enabled: bool) -> None:
+        for layer in self.sparse_layers():
+            layer.routing_stats.reset()
+            layer.routing_stats.enabled = enabled
+
+    def routing_scores(self) -> list[torch.Tensor]:
+        """Accumulated router scores per sparse layer (all-reduce them across ranks before summarising)."""
+        return [layer.routing_stats.scores for layer in self.sparse_layers()]
+
+
+def summarize_routing(scores_per_layer: list[torch.Tensor]) -> dict[str, float]:
+    """usage and unevenness averaged over the sparse layers; empty for a dense model."""
+    if not scores_per_layer:
+        return {}
+    return {
+        "usage": sum(usage(s) for s in scores_per_layer) / len(scores_per_layer),
+        "unevenness": sum(unevenness(s) for s in scores_per_layer) / len(scores_per_layer),
+    }
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    return Transformer(cfg)

@@ -1,0 +1,82 @@
+"""Evaluation on a fixed number of tokens, and the deterministic training batch sampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int,
+                token_bytes: np.ndarray, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Loss (nats per token), perplexity and bits per byte of `model` on the first `max_tokens` tokens of
+    `tokens` (all of them if the set is shorter), cut into non-overlapping windows of seq_len + 1
+    (inputs: the first seq_len, targets: the last seq_len). `model` maps LongTensor[B, T] to logits
+    [B, T, V].
+
+    Bits per byte = summed nats / ln 2 / summed UTF-8 bytes of the target tokens, both sums over targets
+    that decode to at least one byte: the end-of-text token carries no text, so its loss is left out of
+    bits per byte (as nanochat does), keeping bpb comparable across tokenizers. Loss and perplexity count
+    every target.
+    """
+    n_windows = min(max_tokens, len(tokens)) // (seq_len + 1)
+    if n_windows == 0:
+        raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens to evaluate, got {min(max_tokens, len(tokens))}")
+    windows = torch.from_numpy(np.asarray(tokens[: n_windows * (seq_len + 1)], dtype=np.int64)).view(n_windows, seq_len + 1)
+    nbytes = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64))
+    was_training = model.training
+    model.eval()
+    total_nats, text_nats, total_bytes = 0.0, 0.0, 0
+    try:
+        for batch in windows.split(batch_size):
+            batch = batch.to(device)
+            logits = model(batch[:, :-1])  # (B, T, V)
+            targets = batch[:, 1:]  # (B, T)
+            nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            target_bytes = nbytes.to(device)[targets.flatten()]
+            total_nats += nats.double().sum().item()
+            text_nats += nats.double()[target_bytes > 0].sum().item()
+            total_bytes += int(target_bytes.sum().item())
+    finally:
+        model.train(was_training)
+    n_targets = n_windows * seq_len
+    loss = total_nats / n_targets
+    return {"loss": loss, "ppl": math.exp(loss), "bpb": text_nats / math.log(2) / max(total_bytes, 1),
+            "tokens": float(n_targets)}
+
+
+class TrainBatches:
+    """Random training windows, addressable by step.
+
+    The GLOBAL batch of step s is `batch_size` windows of seq_len + 1 tokens whose start offsets come from
+    a generator seeded by (seed, s); rank r of `world_size` gets rows [r * b, (r + 1) * b) of it, with
+    b = batch_size / world_size. So the global batch does not depend on the world size, and resuming at
+    step s gives exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"global batch size {batch_size} is not divisible by world size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if len(tokens) < seq_len + 2:
+            raise ValueError(f"{len(tokens)} training tokens are too few for seq_len {seq_len}")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.per_rank = batch_size // world_size
+        self.rank = rank
+        self._offsets = np.arange(seq_len + 1)
+
+    def starts(self, step: int) -> np.ndarray:
+        """Start offsets of the global batch of `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of this rank at `step`: LongTensors [batch_size / world_size, seq_len]."""
+        starts = self.starts(step)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]

@@ -1,0 +1,281 @@
+"""The study file: a strict pydantic schema, and loading a YAML study with errors a user understands.
+
+A study names what to compare (methods and their parameters), on what data, with which shared training
+settings, and a design: an isoFLOP grid (budgets x model sizes x methods) or an ablation (a base
+configuration and crossed axes). `peer_sweeps.plan` expands it into trials.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model import MoEConfig, PEERConfig, PKMConfig
+
+METHODS = ("dense", "moe", "pkm", "peer")
+
+
+class StudyError(ValueError):
+    """A study file or argument is invalid; the message names the file, the field and what is wrong."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Spec):
+    suite: str = "default"
+    vocab_size: int = Field(8192, ge=256, le=65536)
+    root: str | None = None  # default: $PEER_SWEEPS_DATA or ./data
+    eval_tokens: int = Field(32768, ge=1)  # tokens per evaluation set at each evaluation
+
+
+class TrainingSpec(_Spec):
+    seq_len: int = Field(128, ge=8)
+    batch_tokens: int = Field(8192, ge=8)  # global batch, whatever the number of workers
+    micro_batch_size: int | None = Field(None, ge=1)  # sequences per worker per micro-step; default: all
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seeds: tuple[int, ...] = (0,)
+    evals: int = Field(4, ge=1)  # evaluations per trial, evenly spaced, the last at the end
+    checkpoints: int = Field(2, ge=1)  # checkpoints per trial, evenly spaced, the last at the end
+    max_failures: int = Field(2, ge=0)  # worker failures a trial survives (Ray Train FailureConfig)
+    divergence_factor: float = Field(3.0, gt=1)  # loss above factor x its first value: diverged
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds):
+        if not seeds:
+            raise ValueError("at least one seed is needed")
+        return seeds
+
+
+class BackboneSpec(_Spec):
+    """Model settings shared by every trial; the model size (d_model, n_layers) comes from the design."""
+
+    head_dim: int = Field(64, ge=1)
+    d_ff_ratio: int = Field(4, ge=1)
+    tie_embeddings: bool = True
+    sparse_layers: tuple[int, ...] | None = None  # default: the middle block
+
+
+class DenseMethod(_Spec):
+    method: Literal["dense"] = "dense"
+
+
+# Method parameters are the model library's configs, loaded strictly from the study.
+MethodSpec = Annotated[Union[DenseMethod, MoEConfig, PKMConfig, PEERConfig], Field(discriminator="method")]
+
+
+class ModelSize(_Spec):
+    d_model: int = Field(ge=8)
+    n_layers: int = Field(ge=1)
+
+
+class IsoFlopDesign(_Spec):
+    kind: Literal["isoflop"] = "isoflop"
+    budgets: tuple[float, ...] = Field(min_length=1)  # training FLOPs per trial
+    sizes: tuple[ModelSize, ...] = Field(min_length=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive(cls, budgets):
+        for budget in budgets:
+            if not budget > 0:
+                raise ValueError(f"budget {budget} must be positive")
+        return budgets
+
+
+class AblationAxes(_Spec):
+    """Crossed axes; each overrides the base method's parameter of the same name."""
+
+    num_experts: tuple[int, ...] | None = Field(None, min_length=1)
+    heads_top_k: tuple[tuple[int, int], ...] | None = Field(None, min_length=1)  # (heads, top_k) pairs
+    query_bn: tuple[bool, ...] | None = Field(None, min_length=1)
+
+    def items(self) -> list[tuple[str, tuple]]:
+        return [(name, values) for name, values in self if values is not None]
+
+
+class AblationDesign(_Spec):
+    kind: Literal["ablation"] = "ablation"
+    method: Literal["moe", "pkm", "peer"]
+    size: ModelSize
+    axes: AblationAxes
+    budgets: tuple[float, ...] | None = Field(None, min_length=1)  # FLOPs; or a fixed number of tokens:
+    tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _horizon(self):
+        if (self.budgets is None) == (self.tokens is None):
+            raise ValueError("give exactly one of budgets or tokens")
+        if not self.axes.items():
+            raise ValueError("axes: give at least one axis (num_experts, heads_top_k or query_bn)")
+        for budget in self.budgets or ():
+            if not budget > 0:
+                raise ValueError(f"budget {budget} must be positive")
+        return self
+
+
+Design = Annotated[Union[IsoFlopDesign, AblationDesign], Field(discriminator="kind")]
+
+
+class Resources(_Spec):
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_concurrent: int | None = Field(None, ge=1)
+
+
+class Tracking(_Spec):
+    wandb_project: str = "peer-sweeps"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class Study(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    model: BackboneSpec = BackboneSpec()
+    methods: dict[Literal["dense", "moe", "pkm", "peer"], MethodSpec] = Field(min_length=1)
+    design: Design
+    resources: Resources = Resources()
+    tracking: Tracking = Tracking()
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_names(cls, methods):
+        # `methods: {peer: {num_experts: ...}}`: the key is the method, the body its parameters.
+        if isinstance(methods, dict):
+            return {name: {"method": name} | (body or {}) if isinstance(body, dict) or body is None else body
+                    for name, body in methods.items()}
+        return methods
+
+    @model_validator(mode="after")
+    def _ablated_method_is_configured(self):
+        if isinstance(self.design, AblationDesign) and self.design.method not in self.methods:
+            raise ValueError(f"design.method {self.design.method!r} is not among methods {sorted(self.methods)}")
+        return self
+
+
+def load_study(path: str | Path) -> Study:
+    """Reads and validates a study file; raises StudyError with one short message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise StudyError(f"{path}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: cannot read: {e.__class__.__name__}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise StudyError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: expected a mapping of study fields, got {type(raw).__name__}")
+    return parse_study(raw, source=str(path))
+
+
+def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
+    try:
+        # Strict JSON-mode validation: lists may fill tuples and ints floats, but "3" is no number.
+        return Study.model_validate_json(json.dumps(_yaml_numbers(raw)), strict=True)
+    except (TypeError, ValueError) as e:
+        if not isinstance(e, ValidationError):
+            raise StudyError(f"{source}: cannot be read as plain data: {e}") from None
+        raise StudyError(f"{source}: {describe_error(e.errors()[0])}") from None
+
+
+def _yaml_numbers(value):
+    """YAML 1.1 reads `1e14` as a string; accept such literals where numbers are expected."""
+    if isinstance(value, dict):
+        return {k: _yaml_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_numbers(v) for v in value]
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if any(c in value.lower() for c in "e.") and value.strip().lower() not in ("nan", "inf", "-inf", "infinity"):
+            return number
+    return value
+
+
+def describe_error(error: dict) -> str:
+    """`field.path: what is wrong` for one pydantic error, with the nearest valid name for unknown keys."""
+    shown, parent = _follow(error["loc"])
+    path = ".".join(shown) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        valid = list(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(shown[-1], valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return f"{path}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{path}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {message}"
+
+
+def _follow(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """Walks an error location through the schema: the location as a user wrote it (without pydantic's
+    union tags), and the model that holds its last key (None where it cannot be followed)."""
+    shown: list[str] = []
+    current: Any = Study
+    parent: type[BaseModel] | None = None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        shown.append(str(part))
+        if current is None:
+            continue
+        parent = current if isinstance(current, type) and issubclass(current, BaseModel) else None
+        current = _child(current, part)
+        current, tagged = _resolve_union(current, parts[0] if parts else None)
+        if tagged:
+            parts.pop(0)
+    return shown, parent
+
+
+def _child(annotation, part):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field is not None else None
+    origin = typing.get_origin(annotation)
+    if origin is dict:
+        return typing.get_args(annotation)[1]
+    if origin in (list, tuple):
+        return typing.get_args(annotation)[0]
+    return None
+
+
+def _resolve_union(annotation, next_part) -> tuple[Any, bool]:
+    """Unwraps Annotated/Optional; for a discriminated union returns the member named by the tag in the
+    location (pydantic puts it there) and True."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) not in (Union, types.UnionType):
+        return annotation, False
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    for member in members:
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            tag = member.model_fields.get("method") or member.model_fields.get("kind")
+            if tag is not None and tag.default == next_part:
+                return member, True
+    return (_resolve_union(members[0], next_part) if len(members) == 1 else (None, False))

@@ -1,0 +1,122 @@
+"""Checkpoints and metric reports from inside a Ray Train worker running a DeepSpeed engine.
+
+Layout of one checkpoint (one directory in `<storage_path>/<run_name>/`, named `checkpoint_step<N>_<time>`):
+    engine/<files>          DeepSpeed `engine.save_checkpoint(dir, tag="engine")`: model, ZeRO optimizer
+                            shards (one file per rank), LR scheduler
+    latest                  DeepSpeed's pointer to the tag
+    state_rank<r>.pt        per rank: step, the caller's state dict, torch RNG states
+
+Every rank writes its own files into a local temporary directory and reports it; Ray Train copies each rank's
+directory into the same checkpoint directory on storage (the names synced from rank 0), which merges the
+ZeRO shards, then deletes the temporary directory. `ray.train.report` is a barrier: every rank must call
+`save_checkpoint` / `report_metrics` equally often. Only rank 0's metrics are kept by Ray Train.
+
+Ray Train's controller takes one report per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s,
+0.2 s when run through cluster.train_job): a report blocks until the previous one was taken, so report at
+intervals, not every step.
+"""
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+ENGINE_TAG = "engine"
+
+
+def _rank() -> int:
+    return ray.train.get_context().get_world_rank()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, step: int, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+    """Save the engine and `state` after `step` optimizer steps, and report `metrics` with the checkpoint.
+
+    Call on every rank at the same steps. `state` is this rank's picklable dict (data position, history...).
+    """
+    rank = _rank()
+    local_dir = tempfile.mkdtemp(prefix=f"ckpt-step{step}-rank{rank}-")
+    engine.save_checkpoint(local_dir, tag=ENGINE_TAG, client_state={"step": step})
+    torch.save(
+        {"step": step, "state": state or {}, "rng": _rng_state()},
+        Path(local_dir) / f"state_rank{rank}.pt",
+    )
+    # Rank 0's name wins (Ray syncs it); the time suffix keeps a re-save of the same step from merging into,
+    # and later being deleted with, an older directory.
+    name = f"checkpoint_step{step:08d}_{time.strftime('%Y%m%d-%H%M%S')}_{time.time_ns() % 10**9:09d}"
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(local_dir),
+        checkpoint_dir_name=name,
+        delete_local_checkpoint_after_upload=True,
+    )
+
+
+def report_metrics(metrics: dict[str, Any]) -> None:
+    """Report metrics without a checkpoint (a barrier too: call on every rank)."""
+    ray.train.report(metrics)
+
+
+def load_latest_checkpoint(engine) -> dict[str, Any] | None:
+    """Restore the engine, RNG states and caller state from the run's latest checkpoint, if there is one.
+
+    Returns None on a fresh start, else `{"step": N, "state": <the dict this rank saved>}` (rank 0's state
+    when this rank has none, e.g. after a change of world size).
+    """
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    rank = _rank()
+    with checkpoint.as_directory() as directory:
+        load_path, client_state = engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no engine checkpoint in {checkpoint.path}")
+        state_file = Path(directory) / f"state_rank{rank}.pt"
+        if not state_file.exists():
+            state_file = Path(directory) / "state_rank0.pt"
+        saved = torch.load(state_file, weights_only=False)
+    assert saved["step"] == client_state["step"], (saved["step"], client_state["step"])
+    _set_rng_state(saved["rng"])
+    return {"step": saved["step"], "state": saved["state"]}
+
+
+def world_rank() -> int:
+    return _rank()
+
+
+def world_size() -> int:
+    return ray.train.get_context().get_world_size()
+
+
+def checkpoint_dir() -> str | None:
+    """Path (or URI) of the checkpoint this attempt started from, None on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    return None if checkpoint is None else checkpoint.path
+
+
+__all__ = [
+    "ENGINE_TAG",
+    "save_checkpoint",
+    "report_metrics",
+    "load_latest_checkpoint",
+    "world_rank",
+    "world_size",
+    "checkpoint_dir",
+]

@@ -1,0 +1,104 @@
+"""DeepSpeed ZeRO configs (cluster/configs/zero{0,1,2,3}.json) and the engine built from them.
+
+A template holds what does not depend on the trial (bucket sizes, stage-3 prefetching); `deepspeed_config`
+fills in the batch geometry, gradient clipping and precision. `build_engine` runs inside a Ray Train worker,
+after Ray has created the torch process group (gloo on CPU, nccl on GPU): DeepSpeed reuses that group.
+
+Conventions (DeepSpeed's, not ours):
+- `train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps * world_size`, checked
+  by DeepSpeed against the process group size.
+- The engine averages gradients over data-parallel ranks and scales the loss by 1 / accumulation steps, so a
+  loop that returns the mean loss of its micro batch trains exactly like one rank holding the global batch.
+"""
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+ZERO_STAGES = (0, 1, 2, 3)
+Precision = Literal["fp32", "bf16"]
+
+
+def _set_accelerator_env() -> None:
+    """DeepSpeed picks its accelerator at import time; say it instead of letting it guess (and warn)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_template(zero_stage: int) -> dict[str, Any]:
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
+    return json.loads((CONFIG_DIR / f"zero{zero_stage}.json").read_text())
+
+
+def deepspeed_config(
+    zero_stage: int,
+    micro_batch_per_rank: int,
+    grad_accum_steps: int,
+    grad_clip: float | None,
+    precision: Precision,
+    world_size: int,
+    on_gpu: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for one trial. `grad_clip` None or 0 disables clipping.
+
+    On GPU, ZeRO 2/3 overlap the gradient reduction with the backward pass; on CPU (gloo) they do not.
+    """
+    for name, value in (("micro_batch_per_rank", micro_batch_per_rank),
+                        ("grad_accum_steps", grad_accum_steps), ("world_size", world_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    cfg = load_template(zero_stage)
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_per_rank
+    cfg["gradient_accumulation_steps"] = grad_accum_steps
+    cfg["train_batch_size"] = micro_batch_per_rank * grad_accum_steps * world_size
+    cfg["gradient_clipping"] = float(grad_clip or 0.0)
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    if zero_stage >= 2:
+        cfg["zero_optimization"]["overlap_comm"] = on_gpu
+    return cfg
+
+
+def build_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer],
+    lr_scheduler: Any | Callable[[torch.optim.Optimizer], Any] | None,
+    ds_config: dict[str, Any],
+    model_parameters: Any = None,
+):
+    """`deepspeed.initialize` on the process group Ray Train already set up; returns the engine.
+
+    `optimizer`: a torch optimizer (AdamW: FusedAdam is CUDA-only) built over the caller's parameter groups,
+    or a callable `params -> optimizer`, which DeepSpeed calls with `model_parameters` (a parameter-group list
+    or an iterable of parameters; default `model.parameters()`).
+    `lr_scheduler`: a scheduler, or preferably a callable `optimizer -> scheduler` that DeepSpeed calls with
+    its wrapped (ZeRO) optimizer. The engine steps it once per optimizer step and checkpoints it.
+    The model is moved to this worker's device (its local-rank GPU, or the CPU).
+    """
+    _set_accelerator_env()
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("build_engine runs inside a Ray Train worker: no torch process group is set up")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        model = model.to(device)
+    if model_parameters is None and callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        lr_scheduler=lr_scheduler,
+        config=copy.deepcopy(ds_config),
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,98 @@
+"""Reach Ray: start an embedded local instance, or join an existing cluster.
+
+`ray_session(None)` starts Ray inside this process, sized to the machine (or `num_cpus`), quiet and without a
+dashboard, and shuts it down on exit. `ray_session("auto")`, `ray_session("ray://host:10001")` or a
+`RAY_ADDRESS` environment variable join a running cluster, which is left running on exit. With more than
+one node, `storage_path` must be storage every node reaches (NFS, or s3:// / gs:// through pyarrow).
+"""
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ray
+
+# Environment every Ray worker process gets (set before Ray starts, so the raylet passes it on).
+WORKER_ENV = {
+    # DeepSpeed chooses its accelerator at import; without this it warns and probes for one.
+    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
+    # One line per repeated worker message instead of one per worker.
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+@dataclass(frozen=True)
+class RaySession:
+    address: str | None  # None: the embedded instance this session started
+    owns_cluster: bool  # True: ray_session started Ray and shuts it down on exit
+    storage_path: str  # absolute local path or URI (s3://, gs://) for Train runs and checkpoints
+    num_nodes: int
+    num_cpus: float
+    num_gpus: float
+
+
+def resolve_storage_path(storage_path: str | os.PathLike) -> str:
+    """URIs are kept as they are; local paths are made absolute (Ray Train needs that) and created."""
+    text = str(storage_path)
+    if "://" in text:
+        return text
+    path = Path(text).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+@contextmanager
+def ray_session(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    storage_path: str | os.PathLike = "runs",
+    num_gpus: int | None = None,
+) -> Iterator[RaySession]:
+    """Ray for the duration of the block. `address` None and no `RAY_ADDRESS`: an embedded instance."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    storage = resolve_storage_path(storage_path)
+    owns = False
+    if ray.is_initialized():
+        pass  # a caller (a test, a notebook) already holds Ray: use it and leave it
+    elif address is None:
+        import torch
+
+        env = {k: v for k, v in WORKER_ENV.items() if v}
+        env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        os.environ.update(env)
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            configure_logging=True,
+            runtime_env={"env_vars": env},
+        )
+        owns = True
+    else:
+        if num_cpus is not None or num_gpus is not None:
+            raise ValueError("num_cpus / num_gpus size an embedded Ray instance; a joined cluster has its own")
+        ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        resources = ray.cluster_resources()
+        yield RaySession(
+            address=address,
+            owns_cluster=owns,
+            storage_path=storage,
+            num_nodes=len(nodes),
+            num_cpus=resources.get("CPU", 0.0),
+            num_gpus=resources.get("GPU", 0.0),
+        )
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def current_node_id() -> str:
+    """The Ray node id (hex) of the calling process: a driver, a Tune trial or a Train worker."""
+    return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,180 @@
+"""One Ray Train job: `num_workers` processes running `train_loop(loop_config)` in a torch process group.
+
+Runs from a plain driver or from inside a Ray Tune function trial (one job per trial). Ray Train reserves
+its own placement group of `num_workers` bundles of `cpus_per_worker` CPUs (and 1 GPU each with
+`use_gpu`); a Tune function that starts a job should itself hold only a fraction of a CPU
+(`tune.with_resources(fn, {"cpu": TUNE_TRIAL_CPUS})`), else trials hold the CPUs their workers wait for.
+
+A job is identified by `(storage_path, run_name)`. Ray Train resumes a run whose directory already holds
+checkpoints: calling `run_train_job` again with the same name continues from the latest checkpoint (what a
+retried trial wants); two different trials must never share a name, so name runs by a content hash.
+
+Inside the loop (see cluster.checkpointing): `load_latest_checkpoint(engine)` at the start,
+`save_checkpoint(...)` / `report_metrics(...)` on every rank at the same steps, and `return` a picklable
+value from rank 0: it comes back as `JobResult.return_value`.
+"""
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+# Set for the duration of every job unless the caller's environment has them; Ray Train reads them in the
+# driver or in its controller actor, which gets them from the driver.
+JOB_ENV = {
+    # The controller polls the workers, and takes one report from each, every interval (default 2 s): it
+    # bounds how soon a finished job is noticed and how often a loop can report.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+# Settings of a lean job (see LeanTorchTrainer), read by Ray Train in the driver or its controller.
+LEAN_ENV = {
+    # a side actor per job that watches for node drains (spot preemption); a crash is still retried
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Prometheus gauges of the controller and workers; nothing here scrapes them
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+# CPU share of a Tune function trial that only drives a Train job (it waits; the workers compute).
+TUNE_TRIAL_CPUS = 0.1
+
+
+@dataclass(frozen=True)
+class JobResult:
+    return_value: Any  # what rank 0's train_loop returned
+    metrics: dict[str, Any] | None  # rank 0's metrics reported with the latest checkpoint, None without one
+    checkpoint_path: str | None  # the latest checkpoint (a path or URI), None without one
+    path: str  # the run's directory on storage: <storage_path>/<run_name>
+
+
+class TrainJobError(RuntimeError):
+    """A Train job failed for good (its `max_failures` retries spent). `worker_errors`: rank -> message."""
+
+    def __init__(self, run_name: str, message: str, worker_errors: dict[int, str]):
+        super().__init__(f"Train job {run_name!r} failed: {message}")
+        self.run_name = run_name
+        self.worker_errors = worker_errors
+
+
+@functools.cache
+def _state_api_available() -> bool:
+    """Whether the cluster serves Ray's state API (its dashboard: ray[default], not ray[train] alone)."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=5, raise_on_missing_output=False)
+    except Exception:
+        return False
+    return True
+
+
+class LeanTorchTrainer(TorchTrainer):
+    """TorchTrainer without the side actors a DeepSpeed job here does not use.
+
+    Ray Train V2 starts up to six processes per job (controller, worker(s), synchronization actor, dataset
+    manager, preemption watcher, placement-group cleaner); on a 2-core machine each costs seconds of CPU
+    while the workers import torch and DeepSpeed. Dropped: the dataset manager when no Ray Dataset is
+    passed, and the placement-group cleaner when the cluster has no state API (it could never query the
+    controller and logs a warning every second). Uses Ray Train internals (`_create_default_callbacks`);
+    if they change, it falls back to the stock callbacks.
+    """
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        try:
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback,
+            )
+        except ImportError:
+            return callbacks
+        drop: tuple[type, ...] = () if self.datasets else (DatasetsCallback,)
+        if not _state_api_available():
+            drop += (PlacementGroupCleanerCallback,)
+        return [cb for cb in callbacks if not isinstance(cb, drop)]
+
+
+def _worker_entry(train_loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    def entry(config: dict) -> Any:
+        import torch
+
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        return train_loop(config)
+
+    return entry
+
+
+def run_train_job(
+    train_loop: Callable[[dict], Any],
+    loop_config: dict[str, Any],
+    *,
+    run_name: str,
+    storage_path: str,
+    num_workers: int,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 0,
+    num_checkpoints_to_keep: int | None = 2,
+    placement_strategy: str = "PACK",
+    timeout_s: int = 1800,
+    lean: bool = True,
+) -> JobResult:
+    """Run `train_loop(loop_config)` on `num_workers` Ray Train workers and wait for it.
+
+    `train_loop` must be importable by the workers (a module-level function of an installed package or a
+    module on the driver's sys.path, which Ray passes on). It gets `loop_config` as is. A worker that
+    dies or raises restarts the whole group (from the latest checkpoint) up to `max_failures` times; after
+    that `TrainJobError` is raised with each failed rank's error. `timeout_s` bounds every collective.
+    `lean`: skip Ray Train's optional side actors (LeanTorchTrainer, LEAN_ENV; environment variables the
+    caller set win). The job itself computes the same either way.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if not run_name:
+        raise ValueError("run_name must be a non-empty, per-trial unique name")
+    trainer = (LeanTorchTrainer if lean else TorchTrainer)(
+        _worker_entry(train_loop),
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_checkpoints_to_keep),
+        ),
+    )
+    env = {**JOB_ENV, **(LEAN_ENV if lean else {})}
+    added = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        errors = {rank: _describe(err) for rank, err in sorted(e.worker_failures.items())}
+        summary = "; ".join(f"rank {r}: {m.splitlines()[-1] if m else m}" for r, m in errors.items())
+        raise TrainJobError(run_name, summary, errors) from e
+    except ray.train.ControllerError as e:
+        raise TrainJobError(run_name, _describe(e.controller_failure), {}) from e
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+    return JobResult(
+        return_value=result.return_value,
+        metrics=result.metrics if result.checkpoint is not None else None,
+        checkpoint_path=None if result.checkpoint is None else result.checkpoint.path,
+        path=result.path,
+    )
+
+
+def _describe(error: BaseException) -> str:
+    """The worker's own traceback text where Ray kept it, else the exception's repr."""
+    text = str(error).strip()
+    return text or repr(error)

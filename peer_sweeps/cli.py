@@ -1,0 +1,195 @@
+"""The `peer-sweeps` command: thin wiring of the study, data, runner, status and report modules.
+
+Exit codes: 0 success; 1 some trials failed (the others' results are kept); 2 invalid input, with one
+short message naming the file and field, and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Scaling studies of sparse expert language models (PEER, PKM, MoE, dense) on Ray.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prepare text data suites.")
+app.add_typer(data_app, name="data")
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"peer-sweeps: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    """Runs a command body; user errors become one line and exit code 2."""
+    from .data import DataError
+    from .results import ResultsDirError
+    from .study import StudyError
+
+    try:
+        return fn(*args, **kwargs)
+    except (StudyError, DataError, ResultsDirError) as e:
+        _fail(str(e))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    suite: str = typer.Option("default", help="Suite name (default, fixture, c4)."),
+    vocab_size: int = typer.Option(8192, help="Tokenizer vocabulary size."),
+    root: Optional[Path] = typer.Option(None, help="Data root (default $PEER_SWEEPS_DATA or ./data)."),
+    study: Optional[Path] = typer.Option(None, help="Prepare what this study file needs instead."),
+):
+    """Fetch, clean, split and tokenize a suite; idempotent."""
+    from rich.console import Console
+
+    from .data import manifest_table, prepare_suite
+
+    def body():
+        nonlocal suite, vocab_size, root
+        if study is not None:
+            from .study import load_study
+
+            spec = load_study(study).data
+            suite, vocab_size, root = spec.suite, spec.vocab_size, Path(spec.root) if spec.root else root
+        console = Console(stderr=True)
+        manifest = prepare_suite(suite, root, vocab_size, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+        Console().print(manifest_table(manifest))
+
+    _guard(body)
+
+
+@app.command()
+def plan(study: Path = typer.Argument(..., help="Study YAML file."),
+         as_json: bool = typer.Option(False, "--json", help="Print a JSON array, one object per trial.")):
+    """Expand a study into its trials; run nothing."""
+    from .plan import plan_study
+    from .study import load_study
+
+    trials = _guard(lambda: plan_study(load_study(study)))
+    if as_json:
+        typer.echo(json.dumps([t.to_json() for t in trials], indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{trials[0].study}: {len(trials)} trials", title_justify="left")
+    for column in ("trial_id", "method", "cell", "budget", "params total", "params active", "tokens", "steps",
+                   "FLOPs", "est. CPU time", "est. GPU-h"):
+        table.add_column(column, justify="left" if column in ("trial_id", "method", "cell") else "right")
+    for t in trials:
+        table.add_row(t.trial_id, t.method, t.label, f"{t.budget_flops:.3g}" if t.budget_flops else "-",
+                      _si(t.params_total), _si(t.params_active), _si(t.tokens), str(t.steps), f"{t.total_flops:.3g}",
+                      _minutes(t.estimated_cpu_seconds()), f"{t.estimated_gpu_hours():.3g}")
+    cpu = sum(t.estimated_cpu_seconds() for t in trials)
+    gpu = sum(t.estimated_gpu_hours() for t in trials)
+    Console(width=200).print(table)
+    typer.echo(f"total: {sum(t.total_flops for t in trials):.3g} FLOPs; about {_minutes(cpu)} of one CPU worker, "
+               f"{gpu:.3g} GPU-hours on H100-class GPUs at 40% utilisation")
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _minutes(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _wandb_mode(cli_value: Optional[str], study_path: Path) -> str:
+    import os
+
+    if cli_value is not None and cli_value not in WANDB_MODES:
+        _fail(f"--wandb: {cli_value!r} is not one of {', '.join(WANDB_MODES)}")
+    if cli_value is None and os.environ.get("WANDB_MODE") not in (None, *WANDB_MODES):
+        _fail(f"WANDB_MODE={os.environ['WANDB_MODE']!r} is not one of {', '.join(WANDB_MODES)}")
+    from .study import load_study
+    from .tracking import resolve_wandb_mode
+
+    study = _guard(load_study, study_path)
+    return resolve_wandb_mode(cli_value, study.tracking.wandb_mode)
+
+
+@app.command()
+def run(
+    study: Path = typer.Argument(..., help="Study YAML file."),
+    out: Optional[Path] = typer.Option(None, help="Results directory (default runs/<study name>)."),
+    address: Optional[str] = typer.Option(None, help="Join an existing Ray cluster: auto or ray://host:port."),
+    max_concurrent: Optional[int] = typer.Option(None, min=1, help="At most this many trials at once."),
+    wandb: Optional[str] = typer.Option(None, help="W&B mode: online, offline or disabled."),
+):
+    """Run every trial of a study not yet done; re-running resumes."""
+    from .runner import RunOptions, run_study
+
+    mode = _wandb_mode(wandb, study)
+    code = _guard(run_study, study, RunOptions(out=out, address=address, max_concurrent=max_concurrent, wandb_mode=mode))
+    raise typer.Exit(code)
+
+
+@app.command()
+def trial(
+    study: Path = typer.Argument(..., help="Study YAML file."),
+    trial_id: str = typer.Argument(..., help="Trial id (or a unique prefix) from `peer-sweeps plan`."),
+    out: Optional[Path] = typer.Option(None, help="Results directory (default runs/<study name>)."),
+    wandb: Optional[str] = typer.Option(None, help="W&B mode: online, offline or disabled."),
+):
+    """Run one trial of a study outside a sweep (debugging)."""
+    from .runner import run_single_trial
+
+    mode = _wandb_mode(wandb, study)
+    raise typer.Exit(_guard(run_single_trial, study, trial_id, out, mode))
+
+
+@app.command()
+def status(directory: Path = typer.Argument(..., help="Results directory of a study."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Trials completed / running / failed / diverged / pending."""
+    from .status import study_status
+
+    info = _guard(study_status, directory)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    typer.echo(f"{info['study']}: {info['total']} trials - completed {info['completed']}, running {info['running']}, "
+               f"failed {info['failed']}, diverged {info['diverged']}, pending {info['pending']}"
+               f"{' (a run is in progress)' if info['run_in_progress'] else ''}")
+    for tid, error in info["failed_trials"].items():
+        typer.echo(f"  failed {tid}: {error}")
+
+
+@app.command()
+def report(directory: Path = typer.Argument(..., help="Results directory of a study."),
+           out: Optional[Path] = typer.Option(None, help="Report directory (default DIR/report).")):
+    """Draw isoFLOP curves, frontiers and ablation tables from the Parquet results."""
+    from .report import write_report
+    from .results import ResultsDirError
+
+    def body():
+        if not directory.is_dir():
+            raise ResultsDirError(f"{directory}: no such results directory")
+        return write_report(directory, out)
+
+    written = _guard(body)
+    typer.echo(f"report written to {written}/report.html")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

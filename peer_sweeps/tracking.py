@@ -1,0 +1,120 @@
+"""A trial's local metrics record (the source of truth) and its W&B mirror.
+
+`metrics.jsonl`: one JSON object per optimizer step: step, tokens, flops, seconds, train_loss, lr, and at
+evaluation steps loss, ppl, ppl_<set>, bpb_<set>, usage, unevenness. A trial resumed from a checkpoint
+at step S first drops the lines after S, so the record never holds a step twice.
+
+W&B mirrors it from rank 0 only: id = trial id, group = study, job_type = kind, config = the resolved
+trial with its derived counts, tags for method and budget, every metric plotted against tokens. A W&B
+failure (no network, an init time-out, a full disk) is reported once and never stops the trial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .plan import Trial
+
+
+class MetricsLog:
+    def __init__(self, path: Path, truncate_after_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(self.path) if r["step"] <= truncate_after_step] if truncate_after_step else []
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a torn last line (a killed writer) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def resolve_wandb_mode(cli_mode: str | None, study_mode: str) -> str:
+    """--wandb beats WANDB_MODE beats the study's tracking.wandb_mode."""
+    mode = cli_mode or os.environ.get("WANDB_MODE") or study_mode
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"W&B mode {mode!r}: expected online, offline or disabled")
+    return mode
+
+
+class WandbMirror:
+    """Mirrors metrics to a W&B run; becomes a no-op after the first W&B error."""
+
+    def __init__(self, run):
+        self.run = run
+
+    @classmethod
+    def start(cls, trial: Trial, results_dir: str, mode: str, project: str, resumed: bool = False) -> WandbMirror:
+        if mode == "disabled":
+            return cls(None)
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            run = wandb.init(
+                project=project, id=trial.trial_id, name=trial.label, group=trial.study, job_type=trial.kind,
+                config=trial.to_json(), tags=[trial.method] + ([f"budget={trial.budget_flops:.3g}"] if trial.budget_flops else []),
+                dir=results_dir, mode=mode, resume="allow", reinit="create_new",
+                settings=wandb.Settings(init_timeout=float(os.environ.get("PEER_SWEEPS_WANDB_INIT_TIMEOUT", 60)),
+                                        console="off", x_disable_stats=True),
+            )
+            run.define_metric("tokens")
+            run.define_metric("*", step_metric="tokens")
+            return cls(run)
+        except Exception as e:  # noqa: BLE001 - W&B must never cost the local record
+            _warn_once(e)
+            return cls(None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        except Exception as e:  # noqa: BLE001
+            _warn_once(e)
+            self.run = None
+
+    def finish(self, final: dict[str, Any], status: str) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update({"status": status, **{k: v for k, v in final.items() if isinstance(v, (int, float))}})
+            self.run.finish(exit_code=0 if status == "completed" else 1)
+        except Exception as e:  # noqa: BLE001
+            _warn_once(e)
+
+
+_warned = False
+
+
+def _warn_once(error: Exception) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print(f"peer-sweeps: W&B unavailable, continuing with the local record only: "
+              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)

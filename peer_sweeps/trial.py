@@ -58,6 +58,7 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
         "threads": max(1, int(resources["cpus_per_worker"])),
         # Workers run in their own working directory: hand them an absolute data root.
         "data_root": str(Path(data_root or trial.data["root"] or default_root()).resolve()),
+        "fault": os.environ.get("PEER_SWEEPS_FAULT", ""),
     }
     started = time.time()
     try:
@@ -148,6 +149,37 @@ class DivergedError(Exception):
     pass
 
 
+class Fault:
+    """Fault injection for the reliability tests: PEER_SWEEPS_FAULT="<kind>:<trial id prefix>[:<step>]",
+    read where the trial is launched (run_trial) and handed to the workers.
+
+    kind "raise": the worker raises at that step (default the first); "nan": the loss of that step is NaN;
+    "kill": the rank-0 worker SIGKILLs itself at that step, once per trial (a marker file in the trial
+    directory remembers it), so the retried worker group must resume from the checkpoint.
+    """
+
+    def __init__(self, spec: str, trial_id: str, directory: Path):
+        kind, prefix, step = (spec.split(":") + ["", "", ""])[:3]
+        active = bool(prefix) and trial_id.startswith(prefix)
+        self.kind = kind if active else ""
+        self.step = int(step) if step else 1
+        self.marker = directory / ".fault-kill-done"
+
+    def before_step(self, step: int, rank: int) -> None:
+        if step + 1 != self.step:
+            return
+        if self.kind == "raise":
+            raise RuntimeError(f"injected fault at step {self.step}")
+        if self.kind == "kill" and rank == 0 and not self.marker.exists():
+            import signal
+
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def poison(self, step: int, loss):
+        return loss * float("nan") if self.kind == "nan" and step + 1 == self.step else loss
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker; returns the trial summary (from rank 0)."""
     import torch
@@ -215,16 +247,18 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         module.collect_routing_stats(False)
         return results
 
+    fault = Fault(config.get("fault", ""), trial.trial_id, directory)
     step = start_step
     try:
         while step < total_steps:
+            fault.before_step(step, rank)
             tick = time.perf_counter()
             inputs, targets = batches.batch(step)
             step_loss = torch.zeros((), dtype=torch.float64)
             for x, y in zip(inputs.split(micro), targets.split(micro)):
                 x, y = x.to(device), y.to(device)
                 logits = engine(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = fault.poison(step, F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.detach().double().cpu() / accum

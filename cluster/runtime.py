@@ -15,15 +15,6 @@ from typing import Iterator
 
 import ray
 
-# Environment every Ray worker process gets (set before Ray starts, so the raylet passes it on).
-WORKER_ENV = {
-    # DeepSpeed chooses its accelerator at import; without this it warns and probes for one.
-    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
-    # One line per repeated worker message instead of one per worker.
-    "RAY_DEDUP_LOGS": "1",
-}
-
-
 @dataclass(frozen=True)
 class RaySession:
     address: str | None  # None: the embedded instance this session started
@@ -60,9 +51,8 @@ def ray_session(
     elif address is None:
         import torch
 
-        env = {k: v for k, v in WORKER_ENV.items() if v}
-        env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        os.environ.update(env)
+        # DeepSpeed picks its accelerator at import time; tell every worker instead of letting it probe.
+        accelerator = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             num_gpus=num_gpus,
@@ -70,7 +60,7 @@ def ray_session(
             logging_level=logging.WARNING,
             log_to_driver=True,
             configure_logging=True,
-            runtime_env={"env_vars": env},
+            runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}},
         )
         owns = True
     else:

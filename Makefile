@@ -20,8 +20,8 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 run: $(INSTALLED)
-	$(VENV)/bin/peer-sweeps data prepare
-	$(VENV)/bin/peer-sweeps run $(STUDY)
+	$(VENV)/bin/peer-sweeps data prepare --study $(STUDY)
+	$(VENV)/bin/peer-sweeps run $(STUDY) --out runs/$$(basename $(STUDY) .yaml)
 	$(VENV)/bin/peer-sweeps report runs/$$(basename $(STUDY) .yaml)
 
 test: $(INSTALLED)

@@ -8,6 +8,7 @@ one node, `storage_path` must be storage every node reaches (NFS, or s3:// / gs:
 
 import logging
 import os
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,3 +87,54 @@ def ray_session(
 def current_node_id() -> str:
     """The Ray node id (hex) of the calling process: a driver, a Tune trial or a Train worker."""
     return ray.get_runtime_context().get_node_id()
+
+
+class SharedStorageError(ValueError):
+    """A path the study needs is not the same on every node of a joined cluster."""
+
+
+MARKER_NAME = ".peer-sweeps-node-check"
+
+
+def paths_seen_here(marker: str, token: str, must_exist: list[str]) -> list[str]:
+    """On one node: the problems with what the driver wrote and needs (empty when all is well)."""
+    problems = []
+    try:
+        with open(marker) as f:
+            if f.read() != token:
+                problems.append(f"{os.path.dirname(marker)} holds another run's check file (not the same storage)")
+    except OSError:
+        problems.append(f"{os.path.dirname(marker)} is not there or not the driver's (not shared storage)")
+    problems += [f"{path} does not exist" for path in must_exist if not os.path.exists(path)]
+    return problems
+
+
+def check_shared_storage(session: RaySession, shared_dir: str | os.PathLike, must_exist: list[str]) -> None:
+    """Fail early, naming the node, when a joined multi-node cluster cannot see the driver's files.
+
+    The driver writes a check file into `shared_dir` (the results directory: trials write their metrics there
+    and the driver reads them back); one zero-CPU task pinned to each alive node reads it and looks for each
+    of `must_exist` (the data root). Nothing to check on an embedded or one-node instance, or for URIs.
+    """
+    if session.owns_cluster or session.num_nodes < 2 or "://" in str(shared_dir):
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker = os.path.join(os.path.abspath(shared_dir), MARKER_NAME)
+    token = secrets.token_hex(8)
+    with open(marker, "w") as f:
+        f.write(token)
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(paths_seen_here)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        pending = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                   .remote(marker, token, list(must_exist)) for n in nodes]
+        report = {f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})": p for n, p in zip(nodes, ray.get(pending))}
+    finally:
+        os.remove(marker)
+    bad = {node: problems for node, problems in report.items() if problems}
+    if bad:
+        lines = "; ".join(f"node {node}: {', '.join(problems)}" for node, problems in bad.items())
+        raise SharedStorageError(f"every node of the cluster must see the same files: {lines}. Put the results "
+                                 f"directory and the data root on storage that every node mounts (NFS, EFS, a "
+                                 f"ReadWriteMany volume), or prepare the data on every node")

@@ -12,8 +12,46 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+try:  # typer >= 0.26 carries its own copy of click
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    import click
+
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, an unknown option, a value out of range) as one line and exit code 2,
+    like every other invalid input, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as e:  # a bare command: its help, as click does
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            if not standalone_mode:
+                raise
+            command = e.ctx.command_path if getattr(e, "ctx", None) is not None else "peer-sweeps"
+            message = "; ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+            typer.echo(f"peer-sweeps: error: {message} (see `{command} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("peer-sweeps: aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Scaling studies of sparse expert language models (PEER, PKM, MoE, dense) on Ray.")
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prepare text data suites.")
 app.add_typer(data_app, name="data")
@@ -68,10 +106,9 @@ def data_prepare(
 def plan(study: Path = typer.Argument(..., help="Study YAML file."),
          as_json: bool = typer.Option(False, "--json", help="Print a JSON array, one object per trial.")):
     """Expand a study into its trials; run nothing."""
-    from .plan import plan_study
-    from .study import load_study
+    from .study import load_and_plan
 
-    trials = _guard(lambda: plan_study(load_study(study)))
+    _, trials = _guard(load_and_plan, study)
     if as_json:
         typer.echo(json.dumps([t.to_json() for t in trials], indent=1))
         return
@@ -176,7 +213,8 @@ def report(directory: Path = typer.Argument(..., help="Results directory of a st
 
     def body():
         if not directory.is_dir():
-            raise ResultsDirError(f"{directory}: no such results directory")
+            raise ResultsDirError(f"{directory}: {'not a directory' if directory.exists() else 'no such'} "
+                                  f"results directory")
         return write_report(directory, out)
 
     written = _guard(body)

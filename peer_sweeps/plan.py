@@ -96,7 +96,7 @@ def _check_batch(study: Study) -> None:
 def _isoflop_cells(study: Study, design: IsoFlopDesign):
     for budget in design.budgets:
         for method in study.methods:
-            for size in design.sizes:
+            for size in design.sizes_at(budget):
                 yield method, size, {}, budget, None
 
 

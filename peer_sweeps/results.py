@@ -9,7 +9,9 @@
 
 The per-trial JSON records are the durable state: a row is never lost once its file is renamed into
 place, and the Parquet files are rebuilt from them (always whole, always by rename, so a reader sees the
-old file or the new one, never a torn one).
+old file or the new one, never a torn one). curves.parquet is replaced before trials.parquet, so a reader
+that opens trials.parquet first finds the curves of every trial it lists. A writer killed mid-write leaves
+at most a hidden `.<name>.tmp<pid>` file, which the next run removes.
 """
 
 from __future__ import annotations
@@ -83,7 +85,6 @@ class ResultsDir:
         sets = eval_sets or _eval_sets_of_rows(ordered)
         schema = trials_schema(sets)
         table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in ordered], schema=schema)
-        write_parquet_atomic(table, self.path / "trials.parquet")
 
         cschema = curves_schema(sets)
         curve_rows = []
@@ -93,6 +94,14 @@ class ResultsDir:
                     record = {**record, "lr": None}
                 curve_rows.append({name: record.get(name) for name in cschema.names} | {"trial_id": row["trial_id"]})
         write_parquet_atomic(pa.Table.from_pylist(curve_rows, schema=cschema), self.path / "curves.parquet")
+        write_parquet_atomic(table, self.path / "trials.parquet")
+
+    def remove_partial_files(self) -> None:
+        """Removes what a killed writer left half-written (`.<name>.tmp<pid>`); call holding the lock."""
+        for pattern in (".*.tmp*", "results/.*.tmp*", "trials/*/.*.tmp*"):
+            for path in self.path.glob(pattern):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
 
     # one writer at a time
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from .plan import Trial, plan_study
+from .plan import Trial
 from .results import DONE_STATUSES, ResultsDir
-from .study import Study, load_study
+from .study import Study, StudyError, load_and_plan
 from .trial import run_trial, trial_row
 
 
@@ -68,12 +68,12 @@ def default_out(study: Study) -> Path:
 
 def run_study(study_path: str | Path, options: RunOptions) -> int:
     """Runs every trial of the study not yet done; returns the exit code (0, or 1 if a trial failed)."""
-    study = load_study(study_path)
-    trials = plan_study(study)
+    study, trials = load_and_plan(study_path)
     results = ResultsDir(options.out or default_out(study))
-    _check_data(study)
+    _check_data(study, study_path)
     results.create()
     with results.lock():
+        results.remove_partial_files()
         _write_study(results.path / "study.yaml", study)
         done = results.done_ids()
         pending = [t for t in trials if t.trial_id not in done]
@@ -98,11 +98,14 @@ def data_root(study: Study) -> str:
     return str(Path(study.data.root or default_root()).resolve())
 
 
-def _check_data(study: Study) -> None:
-    """Fail before starting Ray when the study's data is not prepared (a DataError: exit code 2)."""
-    from .data import load_suite
+def _check_data(study: Study, study_path: str | Path) -> None:
+    """Fail before starting Ray, and before writing anything, when the study's data is not prepared."""
+    from .data import DataError, load_suite
 
-    load_suite(study.data.suite, study.data.root, study.data.vocab_size)
+    try:
+        load_suite(study.data.suite, study.data.root, study.data.vocab_size)
+    except DataError as e:
+        raise StudyError(f"{study_path}: data.suite: {e}") from None
 
 
 def _write_study(path: Path, study: Study) -> None:
@@ -114,7 +117,7 @@ def _write_study(path: Path, study: Study) -> None:
 def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: list[str], options: RunOptions) -> None:
     from ray import tune
 
-    from cluster.runtime import ray_session
+    from cluster.runtime import SharedStorageError, check_shared_storage, ray_session
     from cluster.train_job import TUNE_TRIAL_CPUS
 
     resources = study.resources
@@ -125,6 +128,10 @@ def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: li
         # logical CPU for them, so that N trials of 1 CPU still fit N cores.
         num_cpus = (os.cpu_count() or 1) + 1
     with ray_session(options.address, num_cpus=num_cpus, storage_path=results.path) as session:
+        try:  # a joined multi-node cluster: every node must see the results directory and the data
+            check_shared_storage(session, results.path, [data_root(study)])
+        except SharedStorageError as e:
+            raise StudyError(f"--out {results.path}: {e}") from None
         fit = max(1, int(session.num_cpus // (per_trial_cpus + TUNE_TRIAL_CPUS)))
         if resources.gpus_per_worker:
             fit = min(fit, max(1, int(session.num_gpus // (resources.workers_per_trial * resources.gpus_per_worker))))
@@ -164,7 +171,27 @@ def _tune_trial(config: dict[str, Any], results_dir: str, wandb_mode: str, wandb
     trial = Trial.from_json(config["trial"])
     row = run_trial(trial, results_dir, wandb_mode, wandb_project, attempt=attempts.get(trial.trial_id, 0) + 1,
                     data_root=data_root)
+    row = complete_from_record(row, results_dir)
     tune.report({"row": json.dumps(row, default=str), "done": 1})
+
+
+ROW_EVAL_KEYS = ("loss", "ppl", "usage", "unevenness")
+
+
+def complete_from_record(row: dict[str, Any], results_dir: str | Path) -> dict[str, Any]:
+    """A trial whose final checkpoint was saved but whose row was not (the driver was killed in between)
+    resumes at its last step, trains nothing and evaluates nothing: its evaluation columns come from the
+    final evaluation in its metrics.jsonl (the source of truth), which the first attempt wrote."""
+    from .tracking import read_metrics
+    from .trial import METRICS_FILE, trial_dir
+
+    if row["status"] != "completed" or row.get("ppl") is not None:
+        return row
+    evals = [r for r in read_metrics(trial_dir(results_dir, row["trial_id"]) / METRICS_FILE) if "ppl" in r]
+    if not evals or evals[-1]["step"] != row["steps"]:
+        return row
+    final = evals[-1]
+    return row | {k: v for k, v in final.items() if k in ROW_EVAL_KEYS or k.startswith(("ppl_", "bpb_"))}
 
 
 def _make_callback_base():
@@ -208,24 +235,24 @@ def run_single_trial(study_path: str | Path, trial_id: str, out: Path | None, wa
     """`peer-sweeps trial`: one trial of a study, outside a sweep (debugging). Records it like a sweep would."""
     from cluster.runtime import ray_session
 
-    from .study import StudyError
-
-    study = load_study(study_path)
-    trials = {t.trial_id: t for t in plan_study(study)}
+    study, planned = load_and_plan(study_path)
+    trials = {t.trial_id: t for t in planned}
     matches = [tid for tid in trials if tid.startswith(trial_id)]
     if len(matches) != 1:
         raise StudyError(f"{study_path}: trial {trial_id!r} {'is ambiguous' if matches else 'is not in the plan'}"
                          f"; see `peer-sweeps plan {study_path}`")
     trial = trials[matches[0]]
-    _check_data(study)
     results = ResultsDir(out or default_out(study))
+    _check_data(study, study_path)
     results.create()
     with results.lock():
+        results.remove_partial_files()
         _write_study(results.path / "study.yaml", study)
         previous = results.rows().get(trial.trial_id, {})
         with ray_session(None, storage_path=results.path):
             row = run_trial(trial, results.path, wandb_mode, study.tracking.wandb_project,
                             attempt=previous.get("attempts", 0) + 1, data_root=data_root(study))
+        row = complete_from_record(row, results.path)
         results.save_row(row)
         results.consolidate([t.trial_id for t in trials.values()])
     print(json.dumps({k: v for k, v in row.items() if v is not None}, indent=1, default=str))

@@ -36,6 +36,17 @@ class DataSpec(_Spec):
     root: str | None = None  # default: $PEER_SWEEPS_DATA or ./data
     eval_tokens: int = Field(32768, ge=1)  # tokens per evaluation set at each evaluation
 
+    @field_validator("suite")
+    @classmethod
+    def _known_suite(cls, name):
+        from peer_sweeps.data.suites import SUITES
+
+        if name not in SUITES:
+            close = difflib.get_close_matches(name, list(SUITES), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known suites: {', '.join(SUITES)}"
+            raise ValueError(f"unknown data suite {name!r}; {hint}")
+        return name
+
 
 class TrainingSpec(_Spec):
     seq_len: int = Field(128, ge=8)
@@ -85,10 +96,28 @@ class ModelSize(_Spec):
     n_layers: int = Field(ge=1)
 
 
+class GridSize(ModelSize):
+    """A size of an isoFLOP grid; with `budgets`, only at those budgets (Chinchilla-style grids that shift
+    toward larger models as the budget grows)."""
+
+    budgets: tuple[float, ...] | None = Field(None, min_length=1)
+
+
 class IsoFlopDesign(_Spec):
     kind: Literal["isoflop"] = "isoflop"
     budgets: tuple[float, ...] = Field(min_length=1)  # training FLOPs per trial
-    sizes: tuple[ModelSize, ...] = Field(min_length=1)
+    sizes: tuple[GridSize, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _size_budgets(self):
+        for i, size in enumerate(self.sizes):
+            for budget in size.budgets or ():
+                if budget not in self.budgets:
+                    raise ValueError(f"sizes.{i}.budgets: {budget:g} is not one of the design's budgets")
+        return self
+
+    def sizes_at(self, budget: float) -> list[GridSize]:
+        return [s for s in self.sizes if s.budgets is None or budget in s.budgets]
 
     @field_validator("budgets")
     @classmethod
@@ -176,11 +205,15 @@ def load_study(path: str | Path) -> Study:
     """Reads and validates a study file; raises StudyError with one short message."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StudyError(f"{path}: no such file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise StudyError(f"{path}: cannot read: {e.__class__.__name__}") from None
+    except IsADirectoryError:
+        raise StudyError(f"{path}: is a directory, not a study file") from None
+    except UnicodeDecodeError as e:
+        raise StudyError(f"{path}: not a UTF-8 text file (byte {e.start})") from None
+    except OSError as e:  # permissions, a path through a file, an I/O error
+        raise StudyError(f"{path}: cannot read: {e.strerror or type(e).__name__}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -190,6 +223,17 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: expected a mapping of study fields, got {type(raw).__name__}")
     return parse_study(raw, source=str(path))
+
+
+def load_and_plan(path: str | Path):
+    """`load_study(path)` and its trials; a cell that cannot be planned is a StudyError naming the file."""
+    from .plan import plan_study
+
+    study = load_study(path)
+    try:
+        return study, plan_study(study)
+    except StudyError as e:
+        raise StudyError(f"{path}: {e}") from None
 
 
 def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:

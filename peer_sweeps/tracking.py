@@ -6,7 +6,9 @@ at step S first drops the lines after S, so the record never holds a step twice.
 
 W&B mirrors it from rank 0 only: id = trial id, group = study, job_type = kind, config = the resolved
 trial with its derived counts, tags for method and budget, every metric plotted against tokens. A W&B
-failure (no network, an init time-out, a full disk) is reported once and never stops the trial.
+failure (no network, an init time-out after $PEER_SWEEPS_WANDB_INIT_TIMEOUT seconds, default 60, a full
+disk) never stops the trial: it is reported once per trial (one stderr line from the trial's rank-0
+worker, naming the trial, which Ray forwards to the driver's output) and the mirror goes quiet.
 """
 
 from __future__ import annotations
@@ -65,13 +67,15 @@ def resolve_wandb_mode(cli_mode: str | None, study_mode: str) -> str:
 class WandbMirror:
     """Mirrors metrics to a W&B run; becomes a no-op after the first W&B error."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, run, trial_id: str = "", mode: str = "disabled"):
+        self.run, self.trial_id, self.mode = run, trial_id, mode
+        self.warned = False
 
     @classmethod
     def start(cls, trial: Trial, results_dir: str, mode: str, project: str, resumed: bool = False) -> WandbMirror:
         if mode == "disabled":
             return cls(None)
+        mirror = cls(None, trial.trial_id, mode)
         try:
             import wandb
 
@@ -85,10 +89,10 @@ class WandbMirror:
             )
             run.define_metric("tokens")
             run.define_metric("*", step_metric="tokens")
-            return cls(run)
+            mirror.run = run
         except Exception as e:  # noqa: BLE001 - W&B must never cost the local record
-            _warn_once(e)
-            return cls(None)
+            mirror._warn_once(e)
+        return mirror
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is None:
@@ -96,7 +100,7 @@ class WandbMirror:
         try:
             self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
         except Exception as e:  # noqa: BLE001
-            _warn_once(e)
+            self._warn_once(e)
             self.run = None
 
     def finish(self, final: dict[str, Any], status: str) -> None:
@@ -106,15 +110,20 @@ class WandbMirror:
             self.run.summary.update({"status": status, **{k: v for k, v in final.items() if isinstance(v, (int, float))}})
             self.run.finish(exit_code=0 if status == "completed" else 1)
         except Exception as e:  # noqa: BLE001
-            _warn_once(e)
+            self._warn_once(e)
+            self.run = None
+
+    def _warn_once(self, error: Exception) -> None:
+        if not self.warned:
+            self.warned = True
+            # Not print(): Ray Train patches it in workers and, once W&B has wrapped sys.stderr, it writes
+            # every line twice (to the stream and to Train's log).
+            sys.stderr.write(wandb_warning(self.trial_id, self.mode, error) + "\n")
+            sys.stderr.flush()
 
 
-_warned = False
-
-
-def _warn_once(error: Exception) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        print(f"peer-sweeps: W&B unavailable, continuing with the local record only: "
-              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
+def wandb_warning(trial_id: str, mode: str, error: Exception) -> str:
+    """The one line that reports a W&B failure of a trial."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"peer-sweeps: W&B ({mode}) unavailable for trial {trial_id}, continuing with its local record "
+            f"only (trials/{trial_id}/metrics.jsonl): {type(error).__name__}: {cause}")

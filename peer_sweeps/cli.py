@@ -97,7 +97,7 @@ def data_prepare(
             suite, vocab_size, root = spec.suite, spec.vocab_size, Path(spec.root) if spec.root else root
         console = Console(stderr=True)
         manifest = prepare_suite(suite, root, vocab_size, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
-        Console().print(manifest_table(manifest))
+        Console(width=max(120, Console().width)).print(manifest_table(manifest))
 
     _guard(body)
 

@@ -171,27 +171,7 @@ def _tune_trial(config: dict[str, Any], results_dir: str, wandb_mode: str, wandb
     trial = Trial.from_json(config["trial"])
     row = run_trial(trial, results_dir, wandb_mode, wandb_project, attempt=attempts.get(trial.trial_id, 0) + 1,
                     data_root=data_root)
-    row = complete_from_record(row, results_dir)
     tune.report({"row": json.dumps(row, default=str), "done": 1})
-
-
-ROW_EVAL_KEYS = ("loss", "ppl", "usage", "unevenness")
-
-
-def complete_from_record(row: dict[str, Any], results_dir: str | Path) -> dict[str, Any]:
-    """A trial whose final checkpoint was saved but whose row was not (the driver was killed in between)
-    resumes at its last step, trains nothing and evaluates nothing: its evaluation columns come from the
-    final evaluation in its metrics.jsonl (the source of truth), which the first attempt wrote."""
-    from .tracking import read_metrics
-    from .trial import METRICS_FILE, trial_dir
-
-    if row["status"] != "completed" or row.get("ppl") is not None:
-        return row
-    evals = [r for r in read_metrics(trial_dir(results_dir, row["trial_id"]) / METRICS_FILE) if "ppl" in r]
-    if not evals or evals[-1]["step"] != row["steps"]:
-        return row
-    final = evals[-1]
-    return row | {k: v for k, v in final.items() if k in ROW_EVAL_KEYS or k.startswith(("ppl_", "bpb_"))}
 
 
 def _make_callback_base():
@@ -252,7 +232,6 @@ def run_single_trial(study_path: str | Path, trial_id: str, out: Path | None, wa
         with ray_session(None, storage_path=results.path):
             row = run_trial(trial, results.path, wandb_mode, study.tracking.wandb_project,
                             attempt=previous.get("attempts", 0) + 1, data_root=data_root(study))
-        row = complete_from_record(row, results.path)
         results.save_row(row)
         results.consolidate([t.trial_id for t in trials.values()])
     print(json.dumps({k: v for k, v in row.items() if v is not None}, indent=1, default=str))

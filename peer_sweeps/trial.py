@@ -289,6 +289,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             log.append({"step": step, "tokens": step * trial.batch_tokens, "flops": step * flops_per_step,
                         "seconds": state["train_seconds"], "train_loss": float(step_loss), "diverged": True})
 
+    if status == "completed" and not last_eval:
+        # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
+        last_eval = evaluate()
+
     nodes = [None] * world
     if world > 1:
         dist.all_gather_object(nodes, current_node_id())

@@ -301,28 +301,3 @@ def test_parquet_survives_sigkill_during_consolidation(tmp_path):
     assert not [p for p in results.path.rglob("*") if ".tmp" in p.name]
     results.consolidate()
     assert len(_read_trials(results.path)) == num_trials
-
-
-def test_trial_finished_but_unrecorded_gets_its_evaluation_from_its_record(tmp_path):
-    """Killed after a trial's final checkpoint but before its row was saved, the next run resumes the trial
-    at its last step, which trains and evaluates nothing: the row's evaluation columns are then taken from
-    the final evaluation in metrics.jsonl, not left empty."""
-    from peer_sweeps.runner import complete_from_record
-
-    directory = tmp_path / "trials" / "abc"
-    directory.mkdir(parents=True)
-    final = {"step": 4, "train_loss": 4.0, "loss": 4.1, "ppl": 60.3, "ppl_validation": 60.3, "bpb_validation": 1.9,
-             "ppl_prose": 70.0, "bpb_prose": 2.0, "usage": 0.5, "unevenness": 0.1}
-    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
-        {"step": 1, "train_loss": 6.0}, {"step": 2, "train_loss": 5.0, "ppl": 99.0}, {"step": 3, "train_loss": 4.5},
-        final)))
-    resumed = {"trial_id": "abc", "status": "completed", "steps": 4, "ppl": None, "error": None}
-    row = complete_from_record(resumed, tmp_path)
-    assert {k: row[k] for k in final if k not in ("step", "train_loss")} == \
-        {k: v for k, v in final.items() if k not in ("step", "train_loss")}
-    assert "train_loss" not in row
-    # Rows that were measured, failed, or whose record does not reach the last step are left as they are.
-    measured = resumed | {"ppl": 50.0}
-    assert complete_from_record(measured, tmp_path) == measured
-    assert complete_from_record(resumed | {"status": "failed"}, tmp_path)["ppl"] is None
-    assert complete_from_record(resumed | {"steps": 5}, tmp_path)["ppl"] is None

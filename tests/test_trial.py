@@ -68,6 +68,11 @@ def test_two_zero2_workers_train_like_one(ray_cluster, data_root, tmp_path):
     assert len(l1) == len(l2) == one.steps >= 20
     assert l1[-1] < l1[0] - 0.5  # it learns
     assert l2 == pytest.approx(l1, rel=1e-4)
+    # Run again (as after a driver killed between the final checkpoint and its row): the Train run resumes
+    # at its last step, trains nothing, and still reports the final evaluation.
+    again = run_trial(one, tmp_path / "one", "disabled", data_root=data_root)
+    assert again["status"] == "completed" and again["ppl"] == pytest.approx(row1["ppl"], rel=1e-6)
+    assert losses(tmp_path / "one", one) == l1
 
 
 @pytest.fixture(scope="module")

@@ -119,20 +119,3 @@ def mlp_regression_loop(config: dict) -> dict:
         },
     }
 
-
-def tune_trial(config: dict) -> None:
-    """A Ray Tune function trial that runs one Train job: config = {"loop", "run_name", "storage_path"}.
-
-    Give it a fraction of a CPU: `tune.with_resources(tune_trial, {"cpu": TUNE_TRIAL_CPUS})`.
-    """
-    from ray import tune
-
-    from cluster.train_job import run_train_job
-
-    result = run_train_job(
-        mlp_regression_loop, config["loop"], run_name=config["run_name"],
-        storage_path=config["storage_path"], num_workers=config.get("num_workers", 1), cpus_per_worker=1,
-    )
-    losses = result.return_value["losses"]
-    tune.report({"final_loss": losses[max(losses)], "steps": len(losses),
-                 "trial_node": current_node_id(), "worker_node": result.return_value["node_ids"][0]})

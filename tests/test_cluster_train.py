@@ -1,11 +1,9 @@
-"""Ray Train + DeepSpeed runtime (cluster/): data parallelism, resume, worker death, errors, Tune.
+"""Ray Train + DeepSpeed runtime (cluster/) on a toy loop: multi-rank worker death, errors, nested sessions.
 
 All jobs run cluster.smoke's MLP regression loop on one embedded Ray instance (2 CPUs). The reference is an
-uninterrupted 1-worker ZeRO-2 run; every other job must reproduce its per-step losses to 1e-4 relative:
-- 2 workers, same global batch (half each): gradients really are averaged over ranks;
-- a run stopped after 3 steps and started again under the same run name: resume from the checkpoint;
-- 2 workers where rank 1 SIGKILLs itself after step 3 (checkpoint at step 2): Ray Train restarts the
-  group, the job continues from step 2 with both ranks' ZeRO shards, and the curve matches.
+uninterrupted 1-worker ZeRO-2 run. 2 workers where rank 1 SIGKILLs itself after step 3 (checkpoint at step
+2): Ray Train restarts the group, the job continues from step 2 with both ranks' ZeRO shards, and the curve
+matches the reference to 1e-4. (Data parallelism and resume with the real model: tests/test_trial.py.)
 """
 
 import math
@@ -15,8 +13,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from cluster.runtime import current_node_id, ray_session  # noqa: E402
-from cluster.smoke import mlp_regression_loop, tune_trial  # noqa: E402
-from cluster.train_job import TUNE_TRIAL_CPUS, TrainJobError, run_train_job  # noqa: E402
+from cluster.smoke import mlp_regression_loop  # noqa: E402
+from cluster.train_job import TrainJobError, run_train_job  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -43,30 +41,6 @@ def assert_same_losses(got: dict, want: dict, steps=range(STEPS)):
         assert math.isclose(got[step], want[step], rel_tol=1e-4), (step, got[step], want[step])
 
 
-def test_two_workers_train_like_one(session, reference):
-    result = run_train_job(mlp_regression_loop, LOOP, run_name="two-workers", storage_path=session.storage_path,
-                           num_workers=2)
-    got = result.return_value
-    assert got["world_size"] == 2 and got["start_step"] == 0
-    assert_same_losses(got["losses"], reference["losses"])
-    assert math.isclose(got["lr_last"], reference["lr_last"], rel_tol=1e-6)
-
-
-def test_resume_from_checkpoint_matches_uninterrupted_run(session, reference):
-    first = run_train_job(mlp_regression_loop, {**LOOP, "steps": 3, "checkpoint_every": 3}, run_name="resumed",
-                          storage_path=session.storage_path, num_workers=1)
-    assert first.metrics == {"step": 3, "loss": first.return_value["losses"][2]}
-    assert first.checkpoint_path.startswith(first.path)
-    # Same run name: Ray Train starts from the run's latest checkpoint.
-    second = run_train_job(mlp_regression_loop, {**LOOP, "checkpoint_every": 3}, run_name="resumed",
-                           storage_path=session.storage_path, num_workers=1)
-    got = second.return_value
-    assert got["start_step"] == 3
-    assert sorted(got["losses"]) == list(range(STEPS))
-    assert_same_losses(got["losses"], reference["losses"])
-    assert second.metrics["step"] == STEPS
-
-
 def test_sigkilled_worker_restarts_from_checkpoint(session, reference, tmp_path):
     marker = tmp_path / "killed"
     loop = {**LOOP, "checkpoint_every": 2, "kill_at_step": 3, "kill_rank": 1, "kill_marker": str(marker),
@@ -85,23 +59,6 @@ def test_worker_error_is_raised_with_its_message(session):
                       storage_path=session.storage_path, num_workers=1, max_failures=0)
     assert "injected failure at step 1 on rank 0" in str(info.value)
     assert "injected failure" in info.value.worker_errors[0]
-
-
-def test_job_runs_inside_a_tune_function_trial(session, tmp_path):
-    from ray import tune
-
-    loop = {**LOOP, "steps": 2}
-    tuner = tune.Tuner(
-        tune.with_resources(tune_trial, {"cpu": TUNE_TRIAL_CPUS}),
-        param_space={"loop": loop, "run_name": "tune-trial", "storage_path": session.storage_path},
-        tune_config=tune.TuneConfig(max_concurrent_trials=1),
-        run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path)),
-    )
-    results = tuner.fit()
-    assert not results.errors
-    metrics = results[0].metrics
-    assert metrics["steps"] == 2 and math.isfinite(metrics["final_loss"])
-    assert metrics["worker_node"] == metrics["trial_node"] == current_node_id()
 
 
 def test_nested_session_reuses_ray_and_leaves_it_running(session, tmp_path):

@@ -15,7 +15,14 @@ Defaults and choices the paper leaves open (stated here because they differ from
   statistics: feed full sequences (peer-sweeps never pads) or mask them out before the layer.
 - Initialisation: u, v ~ N(0, 1/dim); sub-keys ~ N(0, 1/(query_dim/2)); query map as nn.Linear.
 
-This module is the simple reference implementation (it gathers the [..., H, K, dim] expert rows).
+Two implementations of the same layer (same parameters, state dict and results up to float summation order):
+- `PEERReference`: the simple one, a transcription of the paper's pseudo-code; it gathers the
+  [..., H, K, dim] expert rows and gets dense (N, dim) table gradients. The tests' reference.
+- `PEER`: the fast one (model/peer_ops.py): gather-and-reduce kernels that never materialise the gathered
+  rows, a retrieval whose backward touches only the retrieved sub-keys, and row-sparse table gradients.
+  `sparse_grad=False` (default) gives dense `.grad` on `w_down.weight` / `w_up.weight`, usable with any torch
+  optimizer (costs O(N dim) per step); `sparse_grad=True` gives coalesced sparse COO `.grad` over the
+  touched rows, for `model.sparse_adam.RowSparseAdam` (cost independent of N).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .peer_ops import GradBuffers, peer_experts, product_key_topk_sparse
 from .product_keys import product_key_topk
 from .routing import RoutingStats
 
@@ -44,8 +52,8 @@ def check_product_key_shape(num_experts: int, top_k: int, query_dim: int) -> int
     return num_sub_keys
 
 
-class PEER(nn.Module):
-    """A PEER layer mapping x[..., dim] to the same shape (see the module docstring)."""
+class PEERReference(nn.Module):
+    """A PEER layer mapping x[..., dim] to the same shape (see the module docstring): the simple version."""
 
     def __init__(
         self,
@@ -101,3 +109,26 @@ class PEER(nn.Module):
         hidden = torch.einsum("...d,...hkd->...hk", x, down)
         hidden = ACTIVATIONS[self.activation](hidden) * gates
         return torch.einsum("...hk,...hkd->...d", hidden, up)
+
+
+class PEER(PEERReference):
+    """The fast PEER layer (see the module docstring); the arguments of PEERReference, and `sparse_grad`."""
+
+    def __init__(self, *args, sparse_grad: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sparse_grad = sparse_grad
+        self._grad_buffers = GradBuffers()
+
+    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return product_key_topk_sparse(self.query(x), self.sub_keys, self.top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, indices = self.retrieve(x)  # [..., H, K]
+        gates = self.gates(scores)
+        self.routing_stats.add(indices, gates)
+        M = self.heads * self.top_k
+        y = peer_experts(
+            x.reshape(-1, self.dim), gates.reshape(-1, M), self.w_down.weight, self.w_up.weight,
+            indices.reshape(-1, M), self.activation, self.sparse_grad, self._grad_buffers,
+        )
+        return y.view(x.shape)

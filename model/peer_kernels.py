@@ -1,0 +1,458 @@
+"""Gather-and-reduce kernels behind the fast PEER layer (model/peer.py) and RowSparseAdam (model/sparse_adam.py).
+
+PEER touches h*k rows of two (N, D) tables per token and nothing else, so every step is one of four
+row-wise primitives; none of them materialises the gathered (R, M, D) rows and none does work that grows
+with N (beyond an O(N) int64 counting array in `row_grads`):
+  gather_dot(x, W, idx)[r, m]   = x[r] . W[idx[r, m]]                        (down projection, d gates)
+  weighted_bag(idx, W, c)[r]    = sum_m c[r, m] W[idx[r, m]]                 (up projection, d x)
+  row_grads(idx, N, (c, X)...)  = sorted unique rows u of idx and, per pair, G[u] = sum over (r, m) with
+                                  idx[r, m] = u of c[r, m] X[r]              (row-sparse table gradients)
+  topk_rows(S, k)               = per-row top-k of a score matrix, sorted descending (ties: lower column first)
+  product_key_topk(q, keys, k)  = the exact product-key top-k (model/product_keys.py), fused: sub-key scores
+                                  computed in cache-sized row blocks, never as a full (R, S) matrix
+  row_adam_(...)                = AdamW on the listed rows of a table, in place (see sparse_adam.py)
+
+Shapes: R rows (tokens, or tokens x heads), M entries per row, D row width, N table rows, U unique rows.
+
+Two backends with the same results up to float summation order:
+- "cpp": a small C++ extension (OpenMP via at::parallel_for, one pass over each gathered row, software
+  prefetch of rows a few entries ahead), built on first use with torch.utils.cpp_extension (needs a C++
+  compiler; the build is cached under TORCH_EXTENSIONS_DIR). CPU, float32 and float64 only.
+- "torch": plain torch ops (F.embedding_bag and its per-sample-weight backward, sort, index_add_):
+  any device and dtype, used where "cpp" does not apply or cannot be built.
+PEER_KERNELS=torch|cpp in the environment forces one; the default is "cpp" where it applies.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+_CPP_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <vector>
+#include <cmath>
+#include <cstdint>
+#include <sys/mman.h>
+
+namespace {
+
+constexpr int64_t PREFETCH_AHEAD = 4;  // gathered rows in flight ahead of the one being reduced
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 0);
+}
+
+template <typename T>
+inline T dot_row(const T* __restrict a, const T* __restrict b, int64_t D) {
+  constexpr int L = 16;
+  T acc[L] = {0};
+  int64_t i = 0;
+  for (; i + L <= D; i += L)
+    for (int j = 0; j < L; ++j) acc[j] += a[i + j] * b[i + j];
+  T s = 0;
+  for (; i < D; ++i) s += a[i] * b[i];
+  for (int j = 0; j < L; ++j) s += acc[j];
+  return s;
+}
+
+template <typename T>
+inline void axpy_row(T* __restrict y, T alpha, const T* __restrict x, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) y[i] += alpha * x[i];
+}
+
+// A fresh large tensor is fresh mmap'd memory: faulting it in 4 KiB pages cost ~1 ms per MiB on the 2-core
+// VMs (10x the writing). Ask for transparent huge pages on it before it is touched (a no-op where THP is off).
+torch::Tensor empty_huge(at::IntArrayRef shape, const torch::TensorOptions& options) {
+  auto t = torch::empty(shape, options);
+  constexpr uintptr_t HUGE = 2 << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + HUGE - 1) & ~(HUGE - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(HUGE - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  return t;
+}
+
+void check_2d(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), name, ": a contiguous 2-d CPU tensor");
+}
+
+}  // namespace
+
+torch::Tensor gather_dot(torch::Tensor x, torch::Tensor W, torch::Tensor idx) {
+  check_2d(x, "x"); check_2d(W, "W"); check_2d(idx, "idx");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && x.scalar_type() == W.scalar_type());
+  const int64_t R = idx.size(0), M = idx.size(1), D = W.size(1);
+  TORCH_CHECK(x.size(0) == R && x.size(1) == D);
+  auto out = torch::empty({R, M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gather_dot", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
+      const int64_t end = e * M;
+      for (int64_t p = b * M; p < end; ++p) {
+        if (p + PREFETCH_AHEAD < end) prefetch_row(wp + ip[p + PREFETCH_AHEAD] * D, D * sizeof(scalar_t));
+        op[p] = dot_row(xp + (p / M) * D, wp + ip[p] * D, D);
+      }
+    });
+  });
+  return out;
+}
+
+torch::Tensor weighted_bag(torch::Tensor idx, torch::Tensor W, torch::Tensor c) {
+  check_2d(idx, "idx"); check_2d(W, "W"); check_2d(c, "c");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && c.scalar_type() == W.scalar_type());
+  const int64_t R = idx.size(0), M = idx.size(1), D = W.size(1);
+  TORCH_CHECK(c.size(0) == R && c.size(1) == M);
+  auto out = torch::zeros({R, D}, W.options());
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "weighted_bag", [&] {
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
+      const int64_t end = e * M;
+      for (int64_t p = b * M; p < end; ++p) {
+        if (p + PREFETCH_AHEAD < end) prefetch_row(wp + ip[p + PREFETCH_AHEAD] * D, D * sizeof(scalar_t));
+        axpy_row(op + (p / M) * D, cp[p], wp + ip[p] * D, D);
+      }
+    });
+  });
+  return out;
+}
+
+// Sorted unique rows of idx [R, M] (values in [0, N)) and, for each (c_j [R, M], X_j [R, D_j]) pair,
+// G_j[u] = sum over (r, m) with idx[r, m] = rows[u] of c_j[r, m] X_j[r], summed in increasing (r, m) order.
+// outs: optional buffers, one per pair; G_j is written into the first U rows of outs[j] where it is large enough.
+std::vector<torch::Tensor> row_grads(torch::Tensor idx, int64_t N, std::vector<torch::Tensor> coefs,
+                                     std::vector<torch::Tensor> xs, std::vector<torch::Tensor> outs) {
+  check_2d(idx, "idx");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && coefs.size() == xs.size());
+  const int64_t R = idx.size(0), M = idx.size(1), P = R * M;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  // Counting sort by row: counts -> sorted unique rows and segment offsets -> positions grouped by row.
+  TORCH_CHECK(P < INT32_MAX && N < INT32_MAX);
+  std::vector<int32_t> slot(N, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(ip[p] >= 0 && ip[p] < N, "index out of range");
+    ++slot[ip[p]];
+  }
+  int64_t U = 0;
+  for (int64_t n = 0; n < N; ++n) U += slot[n] != 0;
+  auto rows = torch::empty({U}, idx.options());
+  int64_t* rp = rows.data_ptr<int64_t>();
+  std::vector<int64_t> offs(U + 1);
+  int64_t u = 0, acc = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    if (!slot[n]) continue;
+    rp[u] = n; offs[u] = acc; acc += slot[n]; slot[n] = u; ++u;
+  }
+  offs[U] = acc;
+  std::vector<int64_t> cursor(offs.begin(), offs.end() - 1);
+  std::vector<int32_t> perm(P);
+  for (int64_t p = 0; p < P; ++p) perm[cursor[slot[ip[p]]]++] = p;
+
+  std::vector<torch::Tensor> result{rows};
+  for (size_t j = 0; j < xs.size(); ++j) {
+    auto c = coefs[j], X = xs[j];
+    check_2d(c, "c"); check_2d(X, "X");
+    TORCH_CHECK(c.size(0) == R && c.size(1) == M && X.size(0) == R && c.scalar_type() == X.scalar_type());
+    const int64_t D = X.size(1);
+    // Reused only while nothing else (a gradient still held, a view) shares the buffer's memory.
+    const bool reuse = j < outs.size() && outs[j].is_contiguous() && outs[j].dim() == 2 && outs[j].size(0) >= U &&
+                       outs[j].size(1) == D && outs[j].scalar_type() == X.scalar_type() &&
+                       outs[j].storage().use_count() == 1;
+    auto G = reuse ? outs[j].narrow(0, 0, U) : empty_huge({U, D}, X.options());
+    AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "row_grads", [&] {
+      const scalar_t* cp = c.data_ptr<scalar_t>();
+      const scalar_t* xp = X.data_ptr<scalar_t>();
+      scalar_t* gp = G.data_ptr<scalar_t>();
+      at::parallel_for(0, U, 64, [&](int64_t b, int64_t e) {
+        for (int64_t s = b; s < e; ++s) {
+          scalar_t* g = gp + s * D;
+          for (int64_t i = 0; i < D; ++i) g[i] = 0;
+          for (int64_t q = offs[s]; q < offs[s + 1]; ++q) {
+            const int64_t p = perm[q];
+            axpy_row(g, cp[p], xp + (p / M) * D, D);
+          }
+        }
+      });
+    });
+    result.push_back(G);
+  }
+  return result;
+}
+
+namespace {
+
+// The k largest of s[0..C), descending, with their columns (ties: lower column first); v, c hold k entries.
+template <typename T>
+inline void topk_insert(const T* s, int64_t C, int64_t k, T* v, int64_t* c) {
+  int64_t n = 0;  // entries held, sorted descending
+  for (int64_t j = 0; j < C; ++j) {
+    const T x = s[j];
+    if (n == k && !(x > v[k - 1])) continue;
+    int64_t pos = n < k ? n++ : k - 1;
+    while (pos > 0 && x > v[pos - 1]) { v[pos] = v[pos - 1]; c[pos] = c[pos - 1]; --pos; }
+    v[pos] = x; c[pos] = j;
+  }
+}
+
+}  // namespace
+
+// Per row of S [R, C]: the k largest values, descending, and their columns (ties: lower column first).
+std::vector<torch::Tensor> topk_rows(torch::Tensor S, int64_t k) {
+  check_2d(S, "S");
+  const int64_t R = S.size(0), C = S.size(1);
+  TORCH_CHECK(k >= 1 && k <= C);
+  auto vals = torch::empty({R, k}, S.options());
+  auto cols = torch::empty({R, k}, S.options().dtype(torch::kLong));
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "topk_rows", [&] {
+    const scalar_t* sp = S.data_ptr<scalar_t>();
+    scalar_t* vp = vals.data_ptr<scalar_t>();
+    int64_t* cp = cols.data_ptr<int64_t>();
+    at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) topk_insert(sp + r * C, C, k, vp + r * k, cp + r * k);
+    });
+  });
+  return {vals, cols};
+}
+
+// Exact product-key top-k (model/product_keys.py) for queries q [R, Q] and shared sub-keys [2, S, Q/2]:
+// (scores [R, k] descending, indices [R, k] = i * S + j). Rows go in blocks whose sub-key scores stay in cache;
+// the k*k candidate sums are scanned in order with early exits (both halves' lists are sorted).
+std::vector<torch::Tensor> product_key_topk(torch::Tensor q, torch::Tensor sub_keys, int64_t k) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && sub_keys.dim() == 3 && sub_keys.size(0) == 2);
+  const int64_t R = q.size(0), Q = q.size(1), S = sub_keys.size(1), half = sub_keys.size(2);
+  TORCH_CHECK(Q == 2 * half && k >= 1 && k <= S && q.scalar_type() == sub_keys.scalar_type());
+  auto scores = torch::empty({R, k}, q.options());
+  auto indices = torch::empty({R, k}, q.options().dtype(torch::kLong));
+  const auto keys0 = sub_keys[0].t(), keys1 = sub_keys[1].t();  // [half, S]
+  constexpr int64_t B = 128;  // rows per block: 2 x B x S scores in L2
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "product_key_topk", [&] {
+    scalar_t* op = scores.data_ptr<scalar_t>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    at::parallel_for(0, (R + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
+      auto s1 = torch::empty({B, S}, q.options()), s2 = torch::empty({B, S}, q.options());
+      std::vector<scalar_t> v1(k), v2(k);
+      std::vector<int64_t> c1(k), c2(k);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * B, nr = std::min(B, R - r0);
+        auto rows = q.narrow(0, r0, nr);
+        auto t1 = s1.narrow(0, 0, nr), t2 = s2.narrow(0, 0, nr);
+        at::mm_out(t1, rows.narrow(1, 0, half), keys0);
+        at::mm_out(t2, rows.narrow(1, half, half), keys1);
+        const scalar_t* p1 = t1.data_ptr<scalar_t>();
+        const scalar_t* p2 = t2.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < nr; ++i) {
+          topk_insert(p1 + i * S, S, k, v1.data(), c1.data());
+          topk_insert(p2 + i * S, S, k, v2.data(), c2.data());
+          scalar_t* v = op + (r0 + i) * k;
+          int64_t* c = ip + (r0 + i) * k;
+          int64_t n = 0;
+          for (int64_t a = 0; a < k; ++a) {
+            if (n == k && !(v1[a] + v2[0] > v[k - 1])) break;
+            for (int64_t b = 0; b < k; ++b) {
+              const scalar_t x = v1[a] + v2[b];
+              if (n == k && !(x > v[k - 1])) break;
+              int64_t pos = n < k ? n++ : k - 1;
+              const int64_t flat = c1[a] * S + c2[b];
+              while (pos > 0 && x > v[pos - 1]) { v[pos] = v[pos - 1]; c[pos] = c[pos - 1]; --pos; }
+              v[pos] = x; c[pos] = flat;
+            }
+          }
+        }
+      }
+    });
+  });
+  return {scores, indices};
+}
+
+// AdamW (torch.optim.AdamW's arithmetic) on rows `rows` of param/exp_avg/exp_avg_sq, gradient rows `grad`.
+void row_adam_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor rows,
+               torch::Tensor grad, double lr, double beta1, double beta2, double eps, double weight_decay,
+               double bias_correction1, double bias_correction2) {
+  check_2d(param, "param"); check_2d(exp_avg, "exp_avg"); check_2d(exp_avg_sq, "exp_avg_sq"); check_2d(grad, "grad");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 1 && rows.is_contiguous());
+  const int64_t U = rows.size(0), D = param.size(1);
+  TORCH_CHECK(grad.size(0) == U && grad.size(1) == D);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "row_adam_", [&] {
+    scalar_t* pp = param.data_ptr<scalar_t>();
+    scalar_t* mp = exp_avg.data_ptr<scalar_t>();
+    scalar_t* vp = exp_avg_sq.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t decay = 1 - lr * weight_decay, w1 = 1 - beta1, b2 = beta2, w2 = 1 - beta2;
+    const scalar_t step_size = lr / bias_correction1, sqrt_bc2 = std::sqrt(bias_correction2), e = eps;
+    at::parallel_for(0, U, 64, [&](int64_t b, int64_t end) {
+      for (int64_t u = b; u < end; ++u) {
+        const int64_t o = rp[u] * D;
+        scalar_t *p = pp + o, *m = mp + o, *v = vp + o;
+        const scalar_t* g = gp + u * D;
+        for (int64_t i = 0; i < D; ++i) {
+          p[i] *= decay;
+          m[i] += w1 * (g[i] - m[i]);
+          v[i] = v[i] * b2 + w2 * g[i] * g[i];
+          p[i] -= step_size * m[i] / (std::sqrt(v[i]) / sqrt_bc2 + e);
+        }
+      }
+    });
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gather_dot", &gather_dot);
+  m.def("weighted_bag", &weighted_bag);
+  m.def("row_grads", &row_grads);
+  m.def("topk_rows", &topk_rows);
+  m.def("product_key_topk", &product_key_topk);
+  m.def("row_adam_", &row_adam_);
+}
+"""
+
+_cpp_module = None
+_cpp_error: str | None = None
+
+
+def _cpp():
+    """The compiled extension, built on first use; None where it cannot be built (reason in _cpp_error)."""
+    global _cpp_module, _cpp_error
+    if _cpp_module is None and _cpp_error is None:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _cpp_module = load_inline(
+                name="peer_kernels_v5", cpp_sources=[_CPP_SOURCE],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            )
+        except Exception as e:  # no compiler, no ninja, ...: the torch backend still works
+            _cpp_error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"PEER C++ kernels unavailable, using the torch backend ({_cpp_error[:200]})")
+    return _cpp_module
+
+
+def backend(*tensors: torch.Tensor) -> str:
+    """'cpp' where the C++ kernels apply to these tensors (CPU, float32/float64) and can be built, else 'torch'."""
+    choice = os.environ.get("PEER_KERNELS", "cpp")
+    if choice not in ("cpp", "torch"):
+        raise ValueError(f"PEER_KERNELS={choice!r}: expected 'cpp' or 'torch'")
+    applies = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+                  for t in tensors if t.is_floating_point())
+    return "cpp" if choice == "cpp" and applies and _cpp() is not None else "torch"
+
+
+def _bag_offsets(R: int, M: int, device) -> torch.Tensor:
+    return torch.arange(0, R * M, M, device=device)
+
+
+# gather_dot and weighted_bag are registered as torch ops (peer_sweeps::...) with FLOP formulas, so that
+# torch.utils.flop_counter.FlopCounterMode counts the expert FLOPs of PEER as it counts an einsum's.
+@torch.library.custom_op("peer_sweeps::gather_dot", mutates_args=())
+def gather_dot(x: torch.Tensor, W: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[R, M]: out[r, m] = x[r] . W[idx[r, m]]. x [R, D], W [N, D], idx [R, M] int64."""
+    x, idx = x.contiguous(), idx.contiguous()
+    if backend(x, W) == "cpp":
+        return _cpp().gather_dot(x, W.contiguous(), idx)
+    R, M = idx.shape
+    # The per-sample-weight gradient of embedding_bag is exactly this gather-dot, computed row by row.
+    flat = idx.reshape(-1)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        x, W, flat, _bag_offsets(R, M, x.device), torch.arange(R, device=x.device).repeat_interleave(M), 0, -1
+    ).view(R, M)
+
+
+@torch.library.custom_op("peer_sweeps::weighted_bag", mutates_args=())
+def weighted_bag(idx: torch.Tensor, W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[R, D]: out[r] = sum_m c[r, m] W[idx[r, m]]."""
+    idx, c = idx.contiguous(), c.contiguous()
+    if backend(W, c) == "cpp":
+        return _cpp().weighted_bag(idx, W.contiguous(), c)
+    return F.embedding_bag(idx, W, per_sample_weights=c, mode="sum")
+
+
+@gather_dot.register_fake
+def _(x, W, idx):
+    return x.new_empty(idx.shape)
+
+
+@weighted_bag.register_fake
+def _(idx, W, c):
+    return W.new_empty(idx.shape[0], W.shape[1])
+
+
+@register_flop_formula(torch.ops.peer_sweeps.gather_dot)
+def _gather_dot_flops(x_shape, W_shape, idx_shape, out_shape=None, **kwargs) -> int:
+    return 2 * idx_shape[0] * idx_shape[1] * W_shape[1]
+
+
+@register_flop_formula(torch.ops.peer_sweeps.weighted_bag)
+def _weighted_bag_flops(idx_shape, W_shape, c_shape, out_shape=None, **kwargs) -> int:
+    return 2 * idx_shape[0] * idx_shape[1] * W_shape[1]
+
+
+def row_grads(idx: torch.Tensor, N: int, *pairs: tuple[torch.Tensor, torch.Tensor],
+              out: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """[rows [U] (sorted, unique), G_1 [U, D_1], ...]: G_j[u] = sum over idx[r, m] = rows[u] of c_j[r, m] X_j[r].
+    `out`: optional buffers (cpp backend): G_j is the first U rows of out[j] where out[j] is large enough and
+    no other tensor shares its memory, else fresh memory."""
+    idx = idx.contiguous()
+    coefs = [c.contiguous() for c, _ in pairs]
+    xs = [X.contiguous() for _, X in pairs]
+    if backend(*coefs, *xs) == "cpp":
+        return _cpp().row_grads(idx, N, coefs, xs, list(out))
+    R, M = idx.shape
+    rows, inverse = torch.unique(idx.reshape(-1), sorted=True, return_inverse=True)
+    out = [rows]
+    for c, X in zip(coefs, xs):
+        contrib = c.reshape(R, M, 1) * X.reshape(R, 1, -1)  # materialised [R, M, D]: the fallback path only
+        G = torch.zeros(rows.numel(), X.shape[1], dtype=X.dtype, device=X.device)
+        out.append(G.index_add_(0, inverse, contrib.reshape(R * M, -1)))
+    return out
+
+
+def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns), each [R, k]: per-row top-k of S [R, C], sorted descending."""
+    if backend(S) == "cpp":
+        vals, cols = _cpp().topk_rows(S.contiguous(), k)
+        return vals, cols
+    return S.topk(k, dim=-1)
+
+
+def product_key_topk(q_RQ: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices), each [R, K]: the exact top-k of R queries over the S^2 composed keys (sorted descending)."""
+    if backend(q_RQ, sub_keys) == "cpp":
+        scores, indices = _cpp().product_key_topk(q_RQ, sub_keys.contiguous(), top_k)
+        return scores, indices
+    num_sub = sub_keys.shape[1]
+    q1, q2 = q_RQ.chunk(2, dim=-1)
+    top1, idx1 = (q1 @ sub_keys[0].t()).topk(top_k, dim=-1)  # (R, K)
+    top2, idx2 = (q2 @ sub_keys[1].t()).topk(top_k, dim=-1)
+    candidates = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (R, K*K)
+    scores, flat = candidates.topk(top_k, dim=-1)
+    return scores, idx1.gather(-1, flat // top_k) * num_sub + idx2.gather(-1, flat % top_k)
+
+
+def row_adam_(param, exp_avg, exp_avg_sq, rows, grad, *, lr, beta1, beta2, eps, weight_decay,
+              bias_correction1, bias_correction2) -> None:
+    """AdamW on rows `rows` of param (and its moments), in place; grad [U, D] holds those rows' gradients."""
+    if backend(param, grad) == "cpp":
+        _cpp().row_adam_(param, exp_avg, exp_avg_sq, rows.contiguous(), grad.contiguous(), lr, beta1, beta2, eps,
+                         weight_decay, bias_correction1, bias_correction2)
+        return
+    p, m, v = param.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / bias_correction1)
+    param.index_copy_(0, rows, p)
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)

@@ -1,0 +1,253 @@
+"""The fast PEER (model.PEER) computes what the simple reference (model.peer.PEERReference) computes, and
+RowSparseAdam is AdamW on the rows a sparse gradient touches.
+
+Checked for both kernel backends ("cpp": the C++ extension; "torch": plain torch ops) where available:
+forward outputs and the gradients of every parameter and of the input, in float64 (tight) and float32
+(float tolerance), over several layouts, gate and activation functions, with and without query BN, in train
+and eval mode; a float64 training curve of a tiny Transformer; the row-sparse kernels and optimizer against
+dense math; the sparse-gradient all-reduce on two gloo ranks.
+"""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from model import ModelConfig, PEER, build_model
+from model import peer_kernels
+from model.peer import PEERReference
+from model.sparse_adam import RowSparseAdam, all_reduce_row_sparse_grads, clip_row_sparse_grads_, expert_tables
+
+BACKENDS = ["torch"] + (["cpp"] if peer_kernels._cpp() is not None else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("PEER_KERNELS", request.param)
+    return request.param
+
+
+def twin_layers(dtype, **kwargs):
+    ref = PEERReference(**kwargs).to(dtype)
+    fast = PEER(**kwargs).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def forward_backward(layer, x, weight):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    (y * weight).sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    return y.detach(), x.grad, grads
+
+
+LAYOUTS = [  # (dim, num_experts, heads, top_k, query_dim)
+    (16, 64, 2, 4, 8), (24, 256, 3, 1, 8), (32, 1024, 4, 8, 16), (8, 16, 1, 4, 4),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("score_fn,activation", [("softmax", "gelu"), ("sigmoid", "relu"), ("softmax", "relu"),
+                                                 ("sigmoid", "gelu")])
+@pytest.mark.parametrize("query_bn", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fast_peer_matches_reference_float64(backend, layout, score_fn, activation, query_bn, mode):
+    dim, num_experts, heads, top_k, query_dim = layout
+    torch.manual_seed(hash((layout, score_fn, activation, query_bn, mode)) % 2**31)
+    ref, fast = twin_layers(torch.float64, dim=dim, num_experts=num_experts, heads=heads, top_k=top_k,
+                            query_dim=query_dim, query_bn=query_bn, activation=activation, score_fn=score_fn)
+    if mode == "eval":  # non-trivial running statistics first
+        for layer in (ref, fast):
+            layer.train()(torch.randn(64, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    ref.train(mode == "train"), fast.train(mode == "train")
+    x = torch.randn(3, 7, dim, dtype=torch.float64)
+    weight = torch.randn(3, 7, dim, dtype=torch.float64)
+    y_ref, gx_ref, g_ref = forward_backward(ref, x, weight)
+    y, gx, g = forward_backward(fast, x, weight)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    if mode == "train" and query_bn:
+        torch.testing.assert_close(fast.query_norm.running_var, ref.query_norm.running_var)
+
+
+@pytest.mark.parametrize("num_experts,heads,top_k", [(64**2, 8, 16), (32**2, 2, 32)])
+def test_fast_peer_matches_reference_float32(backend, num_experts, heads, top_k):
+    torch.manual_seed(num_experts + heads)
+    dim = 64
+    ref, fast = twin_layers(torch.float32, dim=dim, num_experts=num_experts, heads=heads, top_k=top_k,
+                            query_dim=32)
+    x, weight = torch.randn(2, 50, dim), torch.randn(2, 50, dim)
+    y_ref, gx_ref, g_ref = forward_backward(ref, x, weight)
+    y, gx, g = forward_backward(fast, x, weight)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+    for name in g_ref:
+        scale = g_ref[name].abs().max()
+        torch.testing.assert_close(g[name] / scale, g_ref[name] / scale, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparse_grads_are_the_touched_rows_of_the_dense_grads(backend):
+    torch.manual_seed(0)
+    ref, fast = twin_layers(torch.float64, dim=16, num_experts=1024, heads=2, top_k=4, query_dim=8)
+    fast.sparse_grad = True
+    x, weight = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    _, _, g_ref = forward_backward(ref, x, weight)
+    _, _, g = forward_backward(fast, x, weight)
+    _, indices = fast.retrieve(x)
+    for name in ("w_down.weight", "w_up.weight"):
+        assert g[name].is_sparse
+        assert torch.equal(g[name]._indices()[0], indices.unique())  # exactly the retrieved rows, sorted, unique
+        torch.testing.assert_close(g[name].to_dense(), g_ref[name])
+
+
+def test_fast_peer_trains_like_reference_float64():
+    """A tiny Transformer's loss curve (AdamW, 20 steps) with the fast layer equals the reference's in float64
+    (float32 curves of this tiny model amplify summation-order differences: see tests/test_model_golden.py)."""
+    import model.transformer as transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                      sparse={"method": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "query_dim": 8})
+
+    def curve():
+        torch.manual_seed(3)
+        model = build_model(cfg).double()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        g = torch.Generator().manual_seed(4)
+        losses = []
+        for _ in range(20):
+            seq = torch.randint(0, 64, (4, 9), generator=g)
+            loss = F.cross_entropy(model(seq[:, :-1]).reshape(-1, 64), seq[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    fast = curve()
+    saved = transformer.PEER
+    transformer.PEER = PEERReference
+    try:
+        ref = curve()
+    finally:
+        transformer.PEER = saved
+    assert fast == pytest.approx(ref, rel=1e-9)
+
+
+def test_kernels_match_dense_math(backend):
+    torch.manual_seed(0)
+    R, M, D, N = 9, 5, 12, 7  # N < R*M: rows repeat
+    x, W, c = torch.randn(R, D, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64), torch.randn(R, M, dtype=torch.float64)
+    idx = torch.randint(0, N, (R, M))
+    torch.testing.assert_close(peer_kernels.gather_dot(x, W, idx), torch.einsum("rd,rmd->rm", x, W[idx]))
+    torch.testing.assert_close(peer_kernels.weighted_bag(idx, W, c), torch.einsum("rm,rmd->rd", c, W[idx]))
+    rows, G = peer_kernels.row_grads(idx, N, (c, x))
+    dense = torch.zeros(N, D, dtype=torch.float64).index_add_(0, idx.reshape(-1), (c[..., None] * x[:, None]).reshape(-1, D))
+    assert torch.equal(rows, idx.unique())
+    torch.testing.assert_close(G, dense[rows])
+    S = torch.randn(6, 40)
+    vals, cols = peer_kernels.topk_rows(S, 5)
+    ref_vals, ref_cols = S.topk(5, dim=-1)
+    assert torch.equal(vals, ref_vals) and torch.equal(cols, ref_cols)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_row_sparse_adam_is_adamw_on_touched_rows(backend, weight_decay):
+    torch.manual_seed(0)
+    N, D = 50, 8
+    table = torch.nn.Parameter(torch.randn(N, D, dtype=torch.float64))
+    dense = torch.nn.Parameter(table.detach().clone())
+    initial = table.detach().clone()
+    sparse_opt = RowSparseAdam([table], lr=0.05, betas=(0.8, 0.95), weight_decay=weight_decay)
+    dense_opt = torch.optim.AdamW([dense], lr=0.05, betas=(0.8, 0.95), weight_decay=weight_decay)
+    always = torch.arange(0, 10)  # touched every step: exactly AdamW
+    never = torch.arange(40, 50)  # never touched: unchanged
+    for step in range(6):
+        rows = torch.cat([always, torch.randint(10, 40, (5,))]).unique()
+        values = torch.randn(rows.numel(), D, dtype=torch.float64)
+        table.grad = torch.sparse_coo_tensor(rows[None], values, (N, D))
+        sparse_opt.step()
+        dense.grad = torch.zeros(N, D, dtype=torch.float64).index_copy_(0, rows, values)
+        dense_opt.step()
+        torch.testing.assert_close(table.detach()[always], dense.detach()[always])
+    assert torch.equal(table.detach()[never], initial[never])
+    assert not torch.equal(dense.detach()[never], initial[never]) or weight_decay == 0
+
+
+def test_row_sparse_adam_on_dense_grads_is_adamw(backend):
+    torch.manual_seed(1)
+    a = torch.nn.Parameter(torch.randn(20, 6))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a, opt_b = RowSparseAdam([a], lr=0.01, weight_decay=0.1), torch.optim.AdamW([b], lr=0.01, weight_decay=0.1)
+    for _ in range(4):
+        g = torch.randn(20, 6)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step(), opt_b.step()
+    torch.testing.assert_close(a.detach(), b.detach())
+
+
+def test_clip_row_sparse_grads():
+    p, q = torch.nn.Parameter(torch.zeros(10, 3)), torch.nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 7]]), torch.full((3, 3), 2.0), (10, 3))  # row 1 twice
+    q.grad = torch.full((4, 3), 1.0)
+    norm = clip_row_sparse_grads_([p, q], max_norm=1.0)
+    expected = (4.0**2 * 3 + 2.0**2 * 3 + 12) ** 0.5
+    assert norm.item() == pytest.approx(expected)
+    total = (p.grad.to_dense().norm() ** 2 + q.grad.norm() ** 2) ** 0.5
+    assert total.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_expert_tables_lists_every_peer_table():
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=3, n_heads=2, max_seq_len=8,
+                      sparse={"method": "peer", "num_experts": 64, "heads": 2, "top_k": 4, "query_dim": 8})
+    model = build_model(cfg)
+    tables = expert_tables(model)
+    peers = [m for m in model.modules() if isinstance(m, PEER)]
+    assert len(tables) == 2 * len(peers) > 0
+    assert all(t.shape == (64, 16) for t in tables)
+
+
+def _all_reduce_worker(rank, port, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    p = torch.nn.Parameter(torch.zeros(10, 2))
+    rows = [torch.tensor([1, 4, 4]), torch.tensor([4, 9])][rank]
+    p.grad = torch.sparse_coo_tensor(rows[None], torch.ones(rows.numel(), 2) * (rank + 1), (10, 2))
+    all_reduce_row_sparse_grads([p])
+    results[rank] = p.grad.to_dense()
+    dist.destroy_process_group()
+
+
+def test_all_reduce_row_sparse_grads_averages_over_ranks():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_all_reduce_worker, args=(port, results), nprocs=2)
+    expected = torch.zeros(10, 2)
+    expected[1], expected[4], expected[9] = 0.5, (2 * 1 + 2) / 2, 1.0
+    for rank in range(2):
+        torch.testing.assert_close(results[rank], expected)
+
+
+def test_sparse_grads_accumulate_and_released_buffers_are_reused(backend):
+    """Gradient buffers are reused across steps only once released: a kept gradient is never overwritten."""
+    torch.manual_seed(0)
+    layer = PEER(dim=16, num_experts=1024, heads=2, top_k=4, query_dim=8, query_bn=False, sparse_grad=True)
+    x1, x2 = torch.randn(20, 16), torch.randn(20, 16)
+    layer(x1).sum().backward()
+    first = layer.w_up.weight.grad.to_dense().clone()
+    layer.zero_grad(set_to_none=True)
+    layer(x2).sum().backward()
+    second = layer.w_up.weight.grad.to_dense().clone()
+    layer(x1).sum().backward()  # accumulates onto the kept gradient of x2
+    torch.testing.assert_close(layer.w_up.weight.grad.to_dense(), first + second)
+    layer.zero_grad(set_to_none=True)
+    layer(x1).sum().backward()
+    torch.testing.assert_close(layer.w_up.weight.grad.to_dense(), first)

@@ -17,10 +17,12 @@ from model import ModelConfig
 from .study import AblationDesign, IsoFlopDesign, ModelSize, Study, StudyError
 
 BUDGET_TOLERANCE = 0.01
-# Rough throughput for time estimates: measured on the 2-core development machine (fp32, one worker, see
-# BENCHMARKS.md), and a GPU at 40% of an H100's dense bf16 peak.
-CPU_FLOPS_PER_SECOND = 25e9
-CPU_TRIAL_OVERHEAD_SECONDS = 10.0
+# Rough costs for time estimates. CPU: one fp32 worker on the 2-core development machine, fitted to the
+# isoFLOP study's trials (LOG.md, 2026-11-22): a fixed start-up cost, a per-step cost that dominates tiny
+# models (optimizer, LM-head softmax, Python), and matmul throughput. GPU: 40% of an H100's dense bf16 peak.
+CPU_TRIAL_OVERHEAD_SECONDS = 12.0
+CPU_SECONDS_PER_STEP = 0.04
+CPU_FLOPS_PER_SECOND = 50e9
 GPU_FLOPS_PER_SECOND = 0.4 * 989e12
 
 
@@ -60,7 +62,7 @@ class Trial:
         return cls(**data)
 
     def estimated_cpu_seconds(self) -> float:
-        return CPU_TRIAL_OVERHEAD_SECONDS + self.total_flops / CPU_FLOPS_PER_SECOND
+        return CPU_TRIAL_OVERHEAD_SECONDS + self.steps * CPU_SECONDS_PER_STEP + self.total_flops / CPU_FLOPS_PER_SECOND
 
     def estimated_gpu_hours(self) -> float:
         return self.total_flops / GPU_FLOPS_PER_SECOND / 3600

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .peer_ops import GradBuffers, peer_experts, product_key_topk_sparse
-from .product_keys import product_key_topk
+from .product_keys import batch_normed_queries, product_key_topk
 from .routing import RoutingStats
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
@@ -86,10 +86,7 @@ class PEERReference(nn.Module):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """The retrieval queries, after batch norm: [..., heads, query_dim]."""
-        q = self.query_proj(x)
-        if self.query_norm is not None:
-            q = self.query_norm(q.reshape(-1, q.shape[-1])).reshape(q.shape)
-        return q.unflatten(-1, (self.heads, self.query_dim))
+        return batch_normed_queries(self.query_proj, self.query_norm, x, self.heads, self.query_dim)
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, indices), each [..., heads, top_k]: the exact top-k experts and their raw scores."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .peer import check_product_key_shape
-from .product_keys import product_key_topk
+from .product_keys import batch_normed_queries, product_key_topk
 from .routing import RoutingStats
 
 
@@ -30,10 +30,7 @@ class PKM(nn.Module):
         self.routing_stats = RoutingStats(num_memories)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.query_proj(x)
-        if self.query_norm is not None:
-            q = self.query_norm(q.reshape(-1, q.shape[-1])).reshape(q.shape)
-        return q.unflatten(-1, (self.heads, self.query_dim))
+        return batch_normed_queries(self.query_proj, self.query_norm, x, self.heads, self.query_dim)
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return product_key_topk(self.query(x), self.sub_keys, self.top_k)

@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 
 
+def batch_normed_queries(
+    query_proj: torch.nn.Module, query_norm: torch.nn.Module | None, x: torch.Tensor, heads: int, query_dim: int
+) -> torch.Tensor:
+    """Queries [..., H, Q] from x [..., D]: the query projection, then batch norm over all H*Q features
+    (statistics over every token of the batch in training mode, running statistics in eval mode)."""
+    q = query_proj(x)
+    if query_norm is not None:
+        q = query_norm(q.reshape(-1, q.shape[-1])).reshape(q.shape)
+    return q.unflatten(-1, (heads, query_dim))
+
+
 def product_key_topk(
     query: torch.Tensor, sub_keys: torch.Tensor, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

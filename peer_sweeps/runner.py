@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 
 from .plan import Trial
 from .results import DONE_STATUSES, ResultsDir
@@ -174,13 +175,7 @@ def _tune_trial(config: dict[str, Any], results_dir: str, wandb_mode: str, wandb
     tune.report({"row": json.dumps(row, default=str), "done": 1})
 
 
-def _make_callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class _Recorder(_make_callback_base()):
+class _Recorder(Callback):
     """Driver-side: records each finished trial durably, rebuilds the Parquet files, prints progress."""
 
     def __init__(self, results: ResultsDir, order: list[str], progress: Progress, labels: dict[str, str]):

@@ -60,7 +60,6 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
         "data_root": str(Path(data_root or trial.data["root"] or default_root()).resolve()),
         "fault": os.environ.get("PEER_SWEEPS_FAULT", ""),
     }
-    started = time.time()
     try:
         job = run_train_job(
             train_loop, loop_config,
@@ -76,7 +75,6 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
         summary = {"status": "failed", "error": _last_line(str(e), e.worker_errors)}
     except Exception as e:  # the job could not even start: still a recorded failure, the study goes on
         summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    summary.setdefault("wall_seconds", time.time() - started)
     return trial_row(trial, summary, attempt)
 
 
@@ -293,21 +291,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
         last_eval = evaluate()
 
-    nodes = [None] * world
+    nodes = [current_node_id()]
     if world > 1:
+        nodes = [None] * world
         dist.all_gather_object(nodes, current_node_id())
-    else:
-        nodes = [current_node_id()]
     if mirror is not None:
         mirror.finish(last_eval, status)
     if log is not None:
         log.close()
-    trained_tokens = step * trial.batch_tokens - start_step * trial.batch_tokens
     summary = {
-        "status": status, "error": error, "steps_done": step,
-        "train_seconds": state["train_seconds"],
+        "status": status, "error": error, "train_seconds": state["train_seconds"],
         "tokens_per_second": step * trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
-        "resumed_from_step": start_step, "trained_tokens_this_attempt": trained_tokens,
         "ray_nodes": sorted(set(nodes)),
     }
     if status == "completed":

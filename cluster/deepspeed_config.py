@@ -14,6 +14,8 @@ Conventions (DeepSpeed's, not ours):
 import copy
 import json
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -27,6 +29,27 @@ Precision = Literal["fp32", "bf16"]
 def _set_accelerator_env() -> None:
     """DeepSpeed picks its accelerator at import time; say it instead of letting it guess (and warn)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _stand_in_for_deepspeed_muon() -> None:
+    """DeepSpeed 0.19's ZeRO engine imports its Muon modules whether or not Muon is used: to ask whether the
+    optimizer is a `MuonWithAuxAdam`, and once per step before a loop that calls `muon_update` only for
+    Muon parameters. The real modules run `torch.compile` at import, which costs each worker about 1.5 s
+    of importing torch._inductor. Nothing here builds a Muon optimizer, so stand-ins give DeepSpeed the
+    same answers: a class nothing is an instance of, and an update that is never called (and says so if
+    it were). Real modules imported earlier are kept."""
+    def muon_update(*args, **kwargs):
+        raise RuntimeError("Muon is not available under peer-sweeps (see cluster/deepspeed_config.py)")
+
+    package = "deepspeed.runtime.zero.muon"
+    attributes = {"muon_optimizer": {"MuonWithAuxAdam": type("MuonWithAuxAdam", (), {})},
+                  "original_muon": {"muon_update": muon_update}}
+    for module, names in attributes.items():
+        name = f"{package}.{module}"
+        if name not in sys.modules:
+            stand_in = types.ModuleType(name, "peer-sweeps' stand-in: Muon is not used")
+            stand_in.__dict__.update(names)
+            sys.modules[name] = stand_in
 
 
 def load_template(zero_stage: int) -> dict[str, Any]:
@@ -82,6 +105,7 @@ def build_engine(
     The model is moved to this worker's device (its local-rank GPU, or the CPU).
     """
     _set_accelerator_env()
+    _stand_in_for_deepspeed_muon()
     import deepspeed
     import torch.distributed as dist
 

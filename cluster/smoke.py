@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from cluster.checkpointing import load_latest_checkpoint, report_metrics, save_checkpoint
 from cluster.deepspeed_config import build_engine, deepspeed_config
+from cluster.eager_adamw import EagerAdamW
 from cluster.runtime import current_node_id
 
 
@@ -62,7 +63,7 @@ def mlp_regression_loop(config: dict) -> dict:
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = MLP(dim, config.get("hidden", 32))
     lr = config.get("lr", 1e-2)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=lr)
+    optimizer = EagerAdamW(param_groups(model, 0.1), lr=lr)
     warmup = 2
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # noqa: E731
     ds_config = deepspeed_config(

@@ -21,7 +21,9 @@ from typing import Any, Callable
 
 import ray
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+from cluster.torch_backend import LazyTorchConfig
 
 # Set for the duration of every job unless the caller's environment has them; Ray Train reads them in the
 # driver or in its controller actor, which gets them from the driver.
@@ -71,16 +73,21 @@ def _state_api_available() -> bool:
     return True
 
 
-class LeanTorchTrainer(TorchTrainer):
-    """TorchTrainer without the side actors a DeepSpeed job here does not use.
+class LeanTorchTrainer(DataParallelTrainer):
+    """A TorchTrainer without what a DeepSpeed job here does not use.
 
     Ray Train V2 starts up to six processes per job (controller, worker(s), synchronization actor, dataset
     manager, preemption watcher, placement-group cleaner); on a 2-core machine each costs seconds of CPU
     while the workers import torch and DeepSpeed. Dropped: the dataset manager when no Ray Dataset is
     passed, and the placement-group cleaner when the cluster has no state API (it could never query the
-    controller and logs a warning every second). Uses Ray Train internals (`_create_default_callbacks`);
-    if they change, it falls back to the stock callbacks.
+    controller and logs a warning every second). The process group is `LazyTorchConfig`'s, so the
+    controller never imports torch. Uses Ray Train internals (`_create_default_callbacks`); if they
+    change, it falls back to the stock callbacks.
     """
+
+    def __init__(self, train_loop_per_worker, *, backend: str, timeout_s: int, **kwargs):
+        super().__init__(train_loop_per_worker,
+                         backend_config=LazyTorchConfig(backend=backend, timeout_s=timeout_s), **kwargs)
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
@@ -135,10 +142,16 @@ def run_train_job(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if not run_name:
         raise ValueError("run_name must be a non-empty, per-trial unique name")
-    trainer = (LeanTorchTrainer if lean else TorchTrainer)(
+    backend = "nccl" if use_gpu else "gloo"
+    if lean:
+        trainer_cls = functools.partial(LeanTorchTrainer, backend=backend, timeout_s=timeout_s)
+    else:
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        trainer_cls = functools.partial(TorchTrainer, torch_config=TorchConfig(backend=backend, timeout_s=timeout_s))
+    trainer = trainer_cls(
         _worker_entry(train_loop),
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,

@@ -186,6 +186,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     from cluster.checkpointing import load_latest_checkpoint, save_checkpoint, world_rank, world_size
     from cluster.deepspeed_config import build_engine, deepspeed_config
+    from cluster.eager_adamw import EagerAdamW
     from cluster.runtime import current_node_id
     from model import build_model, summarize_routing
 
@@ -209,8 +210,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     accum = per_rank // micro
     total_steps = trial.steps
 
-    optimizer = torch.optim.AdamW(param_groups(model, training["weight_decay"]), lr=training["lr"],
-                                  betas=tuple(training["adam_betas"]))
+    optimizer = EagerAdamW(param_groups(model, training["weight_decay"]), lr=training["lr"],
+                           betas=tuple(training["adam_betas"]))
     schedule = lambda step: lr_schedule(step, total_steps, training["warmup_fraction"], training["min_lr_ratio"])  # noqa: E731
     engine = build_engine(
         model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),

@@ -108,7 +108,10 @@ def _worker_entry(train_loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
     def entry(config: dict) -> Any:
         import torch
 
+        from cluster.allocator import keep_freed_memory
+
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        keep_freed_memory()
         return train_loop(config)
 
     return entry

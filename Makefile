@@ -17,6 +17,7 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m cluster.prebuild || echo "prebuild failed: trials will build what they need on first use"
 	touch $(INSTALLED)
 
 run: $(INSTALLED)

@@ -23,6 +23,7 @@ import ray
 import ray.train
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from cluster.allocator import TRAINING_MALLOC_ENV
 from cluster.torch_backend import LazyTorchConfig
 
 # Set for the duration of every job unless the caller's environment has them; Ray Train reads them in the
@@ -108,10 +109,7 @@ def _worker_entry(train_loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
     def entry(config: dict) -> Any:
         import torch
 
-        from cluster.allocator import keep_freed_memory
-
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        keep_freed_memory()
         return train_loop(config)
 
     return entry
@@ -163,6 +161,8 @@ def run_train_job(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
+            # settings the caller's environment already has win
+            worker_runtime_env={"env_vars": {k: v for k, v in TRAINING_MALLOC_ENV.items() if k not in os.environ}},
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_checkpoints_to_keep),

@@ -1,0 +1,43 @@
+"""Build the native code trials compile on first use, so that the first trials of a run do not.
+
+    python -m cluster.prebuild        (`make install` runs it)
+
+Two JIT builds live in ~/.cache/torch_extensions, one per torch installation: the PEER C++ kernels
+(model.peer_kernels, about 1.5-2 min) and DeepSpeed's shared-memory communication op, which every DeepSpeed
+engine on a CPU builds when it starts (about 50 s). A failed build is reported, not fatal: PEER falls back
+to its torch kernels, and DeepSpeed builds its op again when an engine needs it.
+"""
+
+import os
+import sys
+import time
+
+
+def main() -> int:
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    failed = False
+    t0 = time.perf_counter()
+    from model import peer_kernels
+
+    if peer_kernels._cpp() is None:
+        print(f"prebuild: PEER C++ kernels not built ({peer_kernels._cpp_error})", file=sys.stderr)
+        failed = True
+    else:
+        print(f"prebuild: PEER C++ kernels ready ({time.perf_counter() - t0:.0f} s)")
+    if os.environ["DS_ACCELERATOR"] == "cpu":
+        t0 = time.perf_counter()
+        try:
+            from deepspeed.comm.torch import build_shm_op
+
+            build_shm_op()
+            print(f"prebuild: DeepSpeed shm op ready ({time.perf_counter() - t0:.0f} s)")
+        except Exception as e:  # DeepSpeed retries when an engine starts
+            print(f"prebuild: DeepSpeed shm op not built ({type(e).__name__}: {e})", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

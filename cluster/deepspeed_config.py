@@ -107,6 +107,12 @@ def build_engine(
     _set_accelerator_env()
     _stand_in_for_deepspeed_muon()
     import deepspeed
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    from cluster.eager_adamw import EagerAdamW
+
+    if EagerAdamW not in ZERO_SUPPORTED_OPTIMIZERS:  # torch's AdamW: spare every trial ZeRO's "untested" warning
+        ZERO_SUPPORTED_OPTIMIZERS.append(EagerAdamW)
     import torch.distributed as dist
 
     if not dist.is_initialized():

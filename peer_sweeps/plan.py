@@ -17,12 +17,15 @@ from model import ModelConfig
 from .study import AblationDesign, IsoFlopDesign, ModelSize, Study, StudyError
 
 BUDGET_TOLERANCE = 0.01
-# Rough costs for time estimates. CPU: one fp32 worker on the 2-core development machine, fitted to the
-# isoFLOP study's trials (LOG.md, 2026-11-22): a fixed start-up cost, a per-step cost that dominates tiny
-# models (optimizer, LM-head softmax, Python), and matmul throughput. GPU: 40% of an H100's dense bf16 peak.
-CPU_TRIAL_OVERHEAD_SECONDS = 12.0
-CPU_SECONDS_PER_STEP = 0.04
-CPU_FLOPS_PER_SECOND = 50e9
+# Rough costs for time estimates. CPU: one fp32 worker on the 2-core development machine, two trials at a
+# time, fitted to the 48 trials of the isoFLOP study (LOG.md, 2026-11-22; median error 8%): a fixed cost
+# per trial (Ray Train start, W&B, evaluation, scheduling), a per-step cost (optimizer, Python), the FLOPs
+# at the throughput these small models reach, and the product-key retrievals of PKM and PEER (per token,
+# head and top-k slot). GPU: 40% of an H100's dense bf16 peak.
+CPU_TRIAL_OVERHEAD_SECONDS = 20.0
+CPU_SECONDS_PER_STEP = 0.017
+CPU_FLOPS_PER_SECOND = 18e9
+CPU_SECONDS_PER_RETRIEVAL = 5.3e-7
 GPU_FLOPS_PER_SECOND = 0.4 * 989e12
 
 
@@ -62,7 +65,10 @@ class Trial:
         return cls(**data)
 
     def estimated_cpu_seconds(self) -> float:
-        return CPU_TRIAL_OVERHEAD_SECONDS + self.steps * CPU_SECONDS_PER_STEP + self.total_flops / CPU_FLOPS_PER_SECOND
+        sparse = self.model.get("sparse") or {}
+        retrievals = self.tokens * sparse["heads"] * sparse["top_k"] if sparse.get("method") in ("pkm", "peer") else 0
+        return (CPU_TRIAL_OVERHEAD_SECONDS + self.steps * CPU_SECONDS_PER_STEP + self.total_flops / CPU_FLOPS_PER_SECOND
+                + retrievals * CPU_SECONDS_PER_RETRIEVAL)
 
     def estimated_gpu_hours(self) -> float:
         return self.total_flops / GPU_FLOPS_PER_SECOND / 3600

@@ -13,10 +13,7 @@ import inspect
 import torch
 
 _Optimizer = torch.optim.Optimizer
-
-
-def _undecorated(method):
-    return inspect.unwrap(method)
+_undecorated = inspect.unwrap  # the function under torch's decorators (functools.wraps keeps it)
 
 
 class EagerAdamW(torch.optim.AdamW):

@@ -26,7 +26,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 Precision = Literal["fp32", "bf16"]
 
 
-def _set_accelerator_env() -> None:
+def set_accelerator_env() -> None:
     """DeepSpeed picks its accelerator at import time; say it instead of letting it guess (and warn)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -104,7 +104,7 @@ def build_engine(
     its wrapped (ZeRO) optimizer. The engine steps it once per optimizer step and checkpoints it.
     The model is moved to this worker's device (its local-rank GPU, or the CPU).
     """
-    _set_accelerator_env()
+    set_accelerator_env()
     _stand_in_for_deepspeed_muon()
     import deepspeed
     from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS

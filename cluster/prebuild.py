@@ -14,9 +14,9 @@ import time
 
 
 def main() -> int:
-    import torch
+    from cluster.deepspeed_config import set_accelerator_env
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    set_accelerator_env()
     failed = False
     t0 = time.perf_counter()
     from model import peer_kernels

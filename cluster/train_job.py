@@ -107,9 +107,9 @@ class LeanTorchTrainer(DataParallelTrainer):
 
 def _worker_entry(train_loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
     def entry(config: dict) -> Any:
-        import torch
+        from cluster.deepspeed_config import set_accelerator_env
 
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        set_accelerator_env()
         return train_loop(config)
 
     return entry

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .peer_kernels import empty_table
 from .peer_ops import GradBuffers, peer_experts, product_key_topk_sparse
 from .product_keys import batch_normed_queries, product_key_topk
 from .routing import RoutingStats
@@ -78,10 +79,8 @@ class PEERReference(nn.Module):
         self.query_proj = nn.Linear(dim, heads * query_dim, bias=False)
         self.query_norm = nn.BatchNorm1d(heads * query_dim) if query_bn else None
         self.sub_keys = nn.Parameter(torch.randn(2, num_sub_keys, query_dim // 2) * (query_dim / 2) ** -0.5)
-        self.w_down = nn.Embedding(num_experts, dim)  # u_i
-        self.w_up = nn.Embedding(num_experts, dim)  # v_i
-        nn.init.normal_(self.w_down.weight, std=dim**-0.5)
-        nn.init.normal_(self.w_up.weight, std=dim**-0.5)
+        self.w_down = nn.Embedding(num_experts, dim, _weight=empty_table(num_experts, dim).normal_(std=dim**-0.5))
+        self.w_up = nn.Embedding(num_experts, dim, _weight=empty_table(num_experts, dim).normal_(std=dim**-0.5))
         self.routing_stats = RoutingStats(num_experts)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,19 @@
 """Gather-and-reduce kernels behind the fast PEER layer (model/peer.py) and RowSparseAdam (model/sparse_adam.py).
 
-PEER touches h*k rows of two (N, D) tables per token and nothing else, so every step is one of four
+PEER touches h*k rows of two (N, D) tables per token and nothing else, so every step is one of a few
 row-wise primitives; none of them materialises the gathered (R, M, D) rows and none does work that grows
-with N (beyond an O(N) int64 counting array in `row_grads`):
+with N (beyond an O(N) int32 counting array in `row_grads`):
   gather_dot(x, W, idx)[r, m]   = x[r] . W[idx[r, m]]                        (down projection, d gates)
   weighted_bag(idx, W, c)[r]    = sum_m c[r, m] W[idx[r, m]]                 (up projection, d x)
   row_grads(idx, N, (c, X)...)  = sorted unique rows u of idx and, per pair, G[u] = sum over (r, m) with
                                   idx[r, m] = u of c[r, m] X[r]              (row-sparse table gradients)
+  dense_row_grads(idx, N, c, X) = the same as a dense [N, D] sum, for small tables (the sub-keys)
   topk_rows(S, k)               = per-row top-k of a score matrix, sorted descending (ties: lower column first)
-  product_key_topk(q, keys, k)  = the exact product-key top-k (model/product_keys.py), fused: sub-key scores
-                                  computed in cache-sized row blocks, never as a full (R, S) matrix
+  product_key_topk(q, keys, k)  = the exact product-key top-k (model/product_keys.py), fused: in float32 the
+                                  sub-key scores are computed in registers and only those above a proven lower
+                                  bound of the k-th best are ranked; never a full (R, S) score matrix
   row_adam_(...)                = AdamW on the listed rows of a table, in place (see sparse_adam.py)
+  empty_table(N, D)             = memory for a table read at random rows, in transparent huge pages
 
 Shapes: R rows (tokens, or tokens x heads), M entries per row, D row width, N table rows, U unique rows.
 
@@ -39,6 +42,12 @@ _CPP_SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <sys/mman.h>
+#include <algorithm>
+#include <type_traits>
+#include <limits>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -46,7 +55,7 @@ constexpr int64_t PREFETCH_AHEAD = 4;  // gathered rows in flight ahead of the o
 
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 0);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
 }
 
 template <typename T>
@@ -67,6 +76,19 @@ inline void axpy_row(T* __restrict y, T alpha, const T* __restrict x, int64_t D)
   for (int64_t i = 0; i < D; ++i) y[i] += alpha * x[i];
 }
 
+template <typename T>
+inline void store_row(T* __restrict dst, const T* __restrict src, int64_t D, bool stream) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && D % 8 == 0) {
+      for (int64_t i = 0; i < D; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+      return;
+    }
+  }
+#endif
+  std::copy_n(src, D, dst);
+}
+
 // A fresh large tensor is fresh mmap'd memory: faulting it in 4 KiB pages cost ~1 ms per MiB on the 2-core
 // VMs (10x the writing). Ask for transparent huge pages on it before it is touched (a no-op where THP is off).
 torch::Tensor empty_huge(at::IntArrayRef shape, const torch::TensorOptions& options) {
@@ -80,6 +102,15 @@ torch::Tensor empty_huge(at::IntArrayRef shape, const torch::TensorOptions& opti
 
 void check_2d(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), name, ": a contiguous 2-d CPU tensor");
+}
+
+// [U, D] memory for a row-sparse table gradient: the first U rows of `buffer` where it is large enough and
+// nothing else (a gradient still held, a view) shares its memory, else fresh memory.
+torch::Tensor table_grad_buffer(const torch::Tensor& buffer, int64_t U, int64_t D, const torch::TensorOptions& o) {
+  const bool reuse = buffer.defined() && buffer.is_contiguous() && buffer.dim() == 2 && buffer.size(0) >= U &&
+                     buffer.size(1) == D && buffer.scalar_type() == o.dtype().toScalarType() &&
+                     buffer.storage().use_count() == 1;
+  return reuse ? buffer.narrow(0, 0, U) : empty_huge({U, D}, o);
 }
 
 }  // namespace
@@ -128,80 +159,252 @@ torch::Tensor weighted_bag(torch::Tensor idx, torch::Tensor W, torch::Tensor c) 
   return out;
 }
 
-// Sorted unique rows of idx [R, M] (values in [0, N)) and, for each (c_j [R, M], X_j [R, D_j]) pair,
-// G_j[u] = sum over (r, m) with idx[r, m] = rows[u] of c_j[r, m] X_j[r], summed in increasing (r, m) order.
-// outs: optional buffers, one per pair; G_j is written into the first U rows of outs[j] where it is large enough.
-std::vector<torch::Tensor> row_grads(torch::Tensor idx, int64_t N, std::vector<torch::Tensor> coefs,
-                                     std::vector<torch::Tensor> xs, std::vector<torch::Tensor> outs) {
-  check_2d(idx, "idx");
-  TORCH_CHECK(idx.scalar_type() == torch::kLong && coefs.size() == xs.size());
-  const int64_t R = idx.size(0), M = idx.size(1), P = R * M;
+namespace {
+
+// Pairs p = r * M + m of idx [R, M] (values in [0, N)) grouped by table row, by a counting sort: rows (sorted,
+// unique), and for row rows[u] the pairs perm[offs[u] .. offs[u + 1]), in increasing p.
+struct RowGroups {
+  torch::Tensor rows;
+  std::vector<int64_t> offs;
+  std::vector<int32_t> perm;
+};
+
+RowGroups group_rows(const torch::Tensor& idx, int64_t N) {
+  const int64_t P = idx.numel();
   const int64_t* ip = idx.data_ptr<int64_t>();
-  // Counting sort by row: counts -> sorted unique rows and segment offsets -> positions grouped by row.
   TORCH_CHECK(P < INT32_MAX && N < INT32_MAX);
-  std::vector<int32_t> slot(N, 0);
+  thread_local std::vector<int32_t> slot;  // kept between calls: a fresh O(N) array costs its page faults
+  slot.assign(N, 0);
   for (int64_t p = 0; p < P; ++p) {
     TORCH_CHECK(ip[p] >= 0 && ip[p] < N, "index out of range");
     ++slot[ip[p]];
   }
   int64_t U = 0;
   for (int64_t n = 0; n < N; ++n) U += slot[n] != 0;
-  auto rows = torch::empty({U}, idx.options());
-  int64_t* rp = rows.data_ptr<int64_t>();
-  std::vector<int64_t> offs(U + 1);
+  RowGroups g{torch::empty({U}, idx.options()), std::vector<int64_t>(U + 1), std::vector<int32_t>(P)};
+  int64_t* rp = g.rows.data_ptr<int64_t>();
   int64_t u = 0, acc = 0;
   for (int64_t n = 0; n < N; ++n) {
     if (!slot[n]) continue;
-    rp[u] = n; offs[u] = acc; acc += slot[n]; slot[n] = u; ++u;
+    rp[u] = n; g.offs[u] = acc; acc += slot[n]; slot[n] = static_cast<int32_t>(u); ++u;
   }
-  offs[U] = acc;
-  std::vector<int64_t> cursor(offs.begin(), offs.end() - 1);
-  std::vector<int32_t> perm(P);
-  for (int64_t p = 0; p < P; ++p) perm[cursor[slot[ip[p]]]++] = p;
+  g.offs[U] = acc;
+  std::vector<int64_t> cursor(g.offs.begin(), g.offs.end() - 1);
+  for (int64_t p = 0; p < P; ++p) g.perm[cursor[slot[ip[p]]]++] = static_cast<int32_t>(p);
+  return g;
+}
 
-  std::vector<torch::Tensor> result{rows};
-  for (size_t j = 0; j < xs.size(); ++j) {
-    auto c = coefs[j], X = xs[j];
-    check_2d(c, "c"); check_2d(X, "X");
-    TORCH_CHECK(c.size(0) == R && c.size(1) == M && X.size(0) == R && c.scalar_type() == X.scalar_type());
-    const int64_t D = X.size(1);
-    // Reused only while nothing else (a gradient still held, a view) shares the buffer's memory.
-    const bool reuse = j < outs.size() && outs[j].is_contiguous() && outs[j].dim() == 2 && outs[j].size(0) >= U &&
-                       outs[j].size(1) == D && outs[j].scalar_type() == X.scalar_type() &&
-                       outs[j].storage().use_count() == 1;
-    auto G = reuse ? outs[j].narrow(0, 0, U) : empty_huge({U, D}, X.options());
-    AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "row_grads", [&] {
-      const scalar_t* cp = c.data_ptr<scalar_t>();
-      const scalar_t* xp = X.data_ptr<scalar_t>();
-      scalar_t* gp = G.data_ptr<scalar_t>();
-      at::parallel_for(0, U, 64, [&](int64_t b, int64_t e) {
-        for (int64_t s = b; s < e; ++s) {
-          scalar_t* g = gp + s * D;
-          for (int64_t i = 0; i < D; ++i) g[i] = 0;
-          for (int64_t q = offs[s]; q < offs[s + 1]; ++q) {
-            const int64_t p = perm[q];
-            axpy_row(g, cp[p], xp + (p / M) * D, D);
-          }
-        }
-      });
-    });
-    result.push_back(G);
+// Per-chunk [R, D] accumulators for sums scattered over rows r: chunk 0 writes `out` itself, the others their
+// own zeroed buffer, added to `out` at the end (in chunk order, so the result depends on the thread count only).
+struct ScatterSums {
+  torch::Tensor out, extra;
+  ScatterSums(int64_t chunks, int64_t R, int64_t D, const torch::TensorOptions& o)
+      : out(torch::zeros({R, D}, o)), extra(torch::zeros({std::max<int64_t>(chunks - 1, 0), R, D}, o)) {}
+  template <typename T> T* chunk(int64_t c) { return c == 0 ? out.data_ptr<T>() : extra[c - 1].data_ptr<T>(); }
+  torch::Tensor sum() {
+    for (int64_t c = 0; c < extra.size(0); ++c) out.add_(extra[c]);
+    return out;
   }
+};
+
+}  // namespace
+
+// Sorted unique rows of idx [R, M] and, for each (c_j [R, M], X_j [R, D]) pair,
+// G_j[u] = sum over (r, m) with idx[r, m] = rows[u] of c_j[r, m] X_j[r], summed in increasing (r, m) order.
+// outs: optional buffers, one per pair; G_j is written into the first U rows of outs[j] where it is large enough.
+std::vector<torch::Tensor> row_grads(torch::Tensor idx, int64_t N, std::vector<torch::Tensor> coefs,
+                                     std::vector<torch::Tensor> xs, std::vector<torch::Tensor> outs) {
+  check_2d(idx, "idx");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && coefs.size() == xs.size() && !xs.empty());
+  const int64_t R = idx.size(0), M = idx.size(1), D = xs[0].size(1), J = xs.size();
+  for (int64_t j = 0; j < J; ++j) {
+    check_2d(coefs[j], "c"); check_2d(xs[j], "X");
+    TORCH_CHECK(coefs[j].size(0) == R && coefs[j].size(1) == M && xs[j].size(0) == R && xs[j].size(1) == D &&
+                coefs[j].scalar_type() == xs[0].scalar_type() && xs[j].scalar_type() == xs[0].scalar_type());
+  }
+  const RowGroups g = group_rows(idx, N);
+  const int64_t U = g.rows.numel();
+  std::vector<torch::Tensor> result{g.rows};
+  for (int64_t j = 0; j < J; ++j)
+    result.push_back(table_grad_buffer(j < (int64_t)outs.size() ? outs[j] : torch::Tensor(), U, D, xs[0].options()));
+  AT_DISPATCH_FLOATING_TYPES(xs[0].scalar_type(), "row_grads", [&] {
+    std::vector<const scalar_t*> cp, xp;
+    std::vector<scalar_t*> gp;
+    for (int64_t j = 0; j < J; ++j) {
+      cp.push_back(coefs[j].data_ptr<scalar_t>()); xp.push_back(xs[j].data_ptr<scalar_t>());
+      gp.push_back(result[j + 1].data_ptr<scalar_t>());
+    }
+    // Rows are summed in a small buffer and then copied out; where the gradients are larger than the cache the
+    // copy bypasses it (streaming stores), which also saves reading each destination line before writing it.
+    const bool stream = U * D * J * sizeof(scalar_t) > (64 << 20);
+    at::parallel_for(0, U, 64, [&](int64_t b, int64_t e) {
+      std::vector<scalar_t> sums(J * D);
+      for (int64_t u = b; u < e; ++u) {
+        std::fill(sums.begin(), sums.end(), scalar_t(0));
+        for (int64_t q = g.offs[u]; q < g.offs[u + 1]; ++q) {
+          const int64_t p = g.perm[q], r = p / M;
+          for (int64_t j = 0; j < J; ++j) axpy_row(sums.data() + j * D, cp[j][p], xp[j] + r * D, D);
+        }
+        for (int64_t j = 0; j < J; ++j) store_row(gp[j] + u * D, sums.data() + j * D, D, stream);
+      }
+    });
+#if defined(__AVX__)
+    if (stream) _mm_sfence();
+#endif
+  });
   return result;
+}
+
+// G [N, D] = sum over (r, m) of c[r, m] X[r] into row idx[r, m], for tables small enough to keep one dense copy
+// per thread in cache (the sub-keys): pairs in token order, no sort; per-thread partial sums added in thread order.
+torch::Tensor dense_row_grads(torch::Tensor idx, int64_t N, torch::Tensor c, torch::Tensor X) {
+  check_2d(idx, "idx"); check_2d(c, "c"); check_2d(X, "X");
+  const int64_t R = idx.size(0), M = idx.size(1), D = X.size(1);
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && c.size(0) == R && c.size(1) == M && X.size(0) == R &&
+              c.scalar_type() == X.scalar_type());
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
+  ScatterSums sums(n, N, D, X.options());
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "dense_row_grads", [&] {
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t *cp = c.data_ptr<scalar_t>(), *xp = X.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        scalar_t* gp = sums.chunk<scalar_t>(chunk);
+        for (int64_t r = R * chunk / n; r < R * (chunk + 1) / n; ++r)
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t i = ip[r * M + m];
+            TORCH_CHECK(i >= 0 && i < N, "index out of range");
+            axpy_row(gp + i * D, cp[r * M + m], xp + r * D, D);
+          }
+      }
+    });
+  });
+  return sums.sum();
 }
 
 namespace {
 
+// Offers x (column j) to the n <= k entries v, c held in descending order (ties: the earlier offer first).
+template <typename T>
+inline void topk_offer(T x, int64_t j, int64_t k, T* v, int64_t* c, int64_t& n) {
+  if (n == k && !(x > v[k - 1])) return;
+  int64_t pos = n < k ? n++ : k - 1;
+  while (pos > 0 && x > v[pos - 1]) { v[pos] = v[pos - 1]; c[pos] = c[pos - 1]; --pos; }
+  v[pos] = x; c[pos] = j;
+}
+
 // The k largest of s[0..C), descending, with their columns (ties: lower column first); v, c hold k entries.
 template <typename T>
 inline void topk_insert(const T* s, int64_t C, int64_t k, T* v, int64_t* c) {
-  int64_t n = 0;  // entries held, sorted descending
-  for (int64_t j = 0; j < C; ++j) {
-    const T x = s[j];
-    if (n == k && !(x > v[k - 1])) continue;
-    int64_t pos = n < k ? n++ : k - 1;
-    while (pos > 0 && x > v[pos - 1]) { v[pos] = v[pos - 1]; c[pos] = c[pos - 1]; --pos; }
-    v[pos] = x; c[pos] = j;
+  int64_t n = 0;
+  for (int64_t j = 0; j < C; ++j) topk_offer(s[j], j, k, v, c, n);
+}
+
+// Eight floats in one AVX register where the machine has them (GCC/Clang vector extensions: portable code).
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) { v8f v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+
+inline int lane_mask(v8f a, v8f b, float thr) {
+#if defined(__AVX__)
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(a > thr)) | _mm256_movemask_ps(reinterpret_cast<__m256>(b > thr)) << 8;
+#else
+  int m = 0;
+  for (int i = 0; i < 8; ++i) m |= (a[i] > thr) << i | (b[i] > thr) << (i + 8);
+  return m;
+#endif
+}
+
+// The k best of n candidates (values x, columns j), descending, ties: the earlier candidate first, written to v,
+// c; NaN-filled where n < k (only where scores are NaN).
+inline void select_candidates(const float* x, const int64_t* j, int64_t n, int64_t k, float* v, int64_t* c) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) topk_offer(x[i], j[i], k, v, c, kept);
+  for (; kept < k; ++kept) { v[kept] = std::numeric_limits<float>::quiet_NaN(); c[kept] = 0; }
+}
+
+// For RB queries (rows of q, stride ld) and the S sub-keys of one half (keys [S, half], and the same in chunks of
+// 16 sub-keys, chunked [S / 16, half, 16]): each query's top-k sub-key scores and columns (v, c: RB x k,
+// descending; ties: lower column first). Two passes over scores kept in L1 (scores: RB x S floats):
+// 1. scores, 16 sub-keys at a time in registers, and the maxima of G = 16 * ceil(k / 16) disjoint groups (lane
+//    l of the chunks j with j % (G / 16) = p). The least group maximum t is a lower bound of the k-th largest
+//    score: G >= k groups, so k distinct scores, reach it.
+// 2. only the scores >= t (about 3 k of them for random scores) are candidates for select_candidates.
+template <int RB>
+void subkey_topk_block(const float* q, int64_t ld, const float* keys, const float* chunked, int64_t half,
+                       int64_t S, int64_t k, float* scores, float* cand_x, int64_t* cand_j, float* v, int64_t* c) {
+  constexpr int MAXP = 4;
+  const int64_t chunks = S / 16, P = (k + 15) / 16;
+  const bool bounded = P <= MAXP && chunks >= P;
+  const float lowest = -std::numeric_limits<float>::infinity();
+  v8f maxima[RB][MAXP][2];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < MAXP; ++i) maxima[r][i][0] = maxima[r][i][1] = v8f{} + lowest;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const float* kc = chunked + ch * 16 * half;
+    v8f acc[RB][2];
+    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = v8f{};
+    for (int64_t d = 0; d < half; ++d) {
+      const v8f k0 = load8(kc + d * 16), k1 = load8(kc + d * 16 + 8);
+      for (int r = 0; r < RB; ++r) {
+        const float qd = q[r * ld + d];
+        acc[r][0] += qd * k0;
+        acc[r][1] += qd * k1;
+      }
+    }
+    const int64_t part = bounded ? ch % P : 0;
+    for (int r = 0; r < RB; ++r) {
+      __builtin_memcpy(scores + r * S + ch * 16, &acc[r][0], 32);
+      __builtin_memcpy(scores + r * S + ch * 16 + 8, &acc[r][1], 32);
+      v8f* m = maxima[r][part];
+      m[0] = m[0] > acc[r][0] ? m[0] : acc[r][0];
+      m[1] = m[1] > acc[r][1] ? m[1] : acc[r][1];
+    }
+  }
+  for (int64_t j = chunks * 16; j < S; ++j)
+    for (int r = 0; r < RB; ++r) {
+      float x = 0;
+      for (int64_t d = 0; d < half; ++d) x += q[r * ld + d] * keys[j * half + d];
+      scores[r * S + j] = x;
+    }
+  for (int r = 0; r < RB; ++r) {
+    float threshold = lowest;  // candidates: scores > threshold
+    if (bounded) {
+      v8f least = maxima[r][0][0] < maxima[r][0][1] ? maxima[r][0][0] : maxima[r][0][1];
+      for (int64_t i = 1; i < P; ++i) {
+        least = least < maxima[r][i][0] ? least : maxima[r][i][0];
+        least = least < maxima[r][i][1] ? least : maxima[r][i][1];
+      }
+      float t = least[0];
+      for (int l = 1; l < 8; ++l) t = std::min(t, least[l]);
+      threshold = std::nextafter(t, lowest);
+    }
+    const float* sr = scores + r * S;
+    int64_t n = 0, j = 0;
+    for (; j + 16 <= S; j += 16)
+      for (int mask = lane_mask(load8(sr + j), load8(sr + j + 8), threshold); mask; mask &= mask - 1) {
+        const int l = __builtin_ctz(mask);
+        cand_x[n] = sr[j + l]; cand_j[n++] = j + l;
+      }
+    for (; j < S; ++j)
+      if (sr[j] > threshold || !bounded) { cand_x[n] = sr[j]; cand_j[n++] = j; }
+    select_candidates(cand_x, cand_j, n, k, v + r * k, c + r * k);
+  }
+}
+
+// The top-k of the k x k sums v1[a] + v2[b] (both lists descending), as (score, c1[a] * S + c2[b]), scanned in
+// order with early exits.
+template <typename T>
+inline void combine_halves(const T* v1, const int64_t* c1, const T* v2, const int64_t* c2, int64_t k, int64_t S,
+                           T* v, int64_t* c) {
+  int64_t n = 0;
+  for (int64_t a = 0; a < k; ++a) {
+    if (n == k && !(v1[a] + v2[0] > v[k - 1])) break;
+    for (int64_t b = 0; b < k; ++b) {
+      const T x = v1[a] + v2[b];
+      if (n == k && !(x > v[k - 1])) break;
+      topk_offer(x, c1[a] * S + c2[b], k, v, c, n);
+    }
   }
 }
 
@@ -226,14 +429,49 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor S, int64_t k) {
 }
 
 // Exact product-key top-k (model/product_keys.py) for queries q [R, Q] and shared sub-keys [2, S, Q/2]:
-// (scores [R, k] descending, indices [R, k] = i * S + j). Rows go in blocks whose sub-key scores stay in cache;
-// the k*k candidate sums are scanned in order with early exits (both halves' lists are sorted).
+// (scores [R, k] descending, indices [R, k] = i * S + j). float32: sub-key scores in registers
+// (subkey_topk_block); other types: rows in blocks whose sub-key score matrices stay in cache.
 std::vector<torch::Tensor> product_key_topk(torch::Tensor q, torch::Tensor sub_keys, int64_t k) {
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && sub_keys.dim() == 3 && sub_keys.size(0) == 2);
   const int64_t R = q.size(0), Q = q.size(1), S = sub_keys.size(1), half = sub_keys.size(2);
   TORCH_CHECK(Q == 2 * half && k >= 1 && k <= S && q.scalar_type() == sub_keys.scalar_type());
+  q = q.contiguous();
   auto scores = torch::empty({R, k}, q.options());
   auto indices = torch::empty({R, k}, q.options().dtype(torch::kLong));
+  if (q.scalar_type() == torch::kFloat) {
+    const auto keys = sub_keys.contiguous();
+    const int64_t S16 = S / 16 * 16;
+    const auto chunked = keys.narrow(1, 0, S16).view({2, S / 16, 16, half}).transpose(2, 3).contiguous();
+    const float *qp = q.data_ptr<float>(), *keys0 = keys.data_ptr<float>(), *keys1 = keys0 + S * half;
+    const float *k0 = chunked.data_ptr<float>(), *k1 = k0 + S16 * half;
+    float* op = scores.data_ptr<float>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    constexpr int RB = 6;  // queries per register block
+    at::parallel_for(0, (R + RB - 1) / RB, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<float> v1(RB * k), v2(RB * k), scores_buf(RB * S), cand_x(S);
+      std::vector<int64_t> c1(RB * k), c2(RB * k), cand_j(S);
+      // Top-k of both halves for `rows` queries from row r; out: v1, c1, v2, c2 from entry `at`.
+      auto halves = [&](auto rows, int64_t r, int64_t at) {
+        constexpr int n = decltype(rows)::value;
+        subkey_topk_block<n>(qp + r * Q, Q, keys0, k0, half, S, k, scores_buf.data(), cand_x.data(), cand_j.data(),
+                             v1.data() + at * k, c1.data() + at * k);
+        subkey_topk_block<n>(qp + r * Q + half, Q, keys1, k1, half, S, k, scores_buf.data(), cand_x.data(),
+                             cand_j.data(), v2.data() + at * k, c2.data() + at * k);
+      };
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * RB, nr = std::min<int64_t>(RB, R - r0);
+        if (nr == RB) {
+          halves(std::integral_constant<int, RB>(), r0, 0);
+        } else {
+          for (int64_t i = 0; i < nr; ++i) halves(std::integral_constant<int, 1>(), r0 + i, i);
+        }
+        for (int64_t i = 0; i < nr; ++i)
+          combine_halves(v1.data() + i * k, c1.data() + i * k, v2.data() + i * k, c2.data() + i * k, k, S,
+                         op + (r0 + i) * k, ip + (r0 + i) * k);
+      }
+    });
+    return {scores, indices};
+  }
   const auto keys0 = sub_keys[0].t(), keys1 = sub_keys[1].t();  // [half, S]
   constexpr int64_t B = 128;  // rows per block: 2 x B x S scores in L2
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "product_key_topk", [&] {
@@ -255,26 +493,28 @@ std::vector<torch::Tensor> product_key_topk(torch::Tensor q, torch::Tensor sub_k
         for (int64_t i = 0; i < nr; ++i) {
           topk_insert(p1 + i * S, S, k, v1.data(), c1.data());
           topk_insert(p2 + i * S, S, k, v2.data(), c2.data());
-          scalar_t* v = op + (r0 + i) * k;
-          int64_t* c = ip + (r0 + i) * k;
-          int64_t n = 0;
-          for (int64_t a = 0; a < k; ++a) {
-            if (n == k && !(v1[a] + v2[0] > v[k - 1])) break;
-            for (int64_t b = 0; b < k; ++b) {
-              const scalar_t x = v1[a] + v2[b];
-              if (n == k && !(x > v[k - 1])) break;
-              int64_t pos = n < k ? n++ : k - 1;
-              const int64_t flat = c1[a] * S + c2[b];
-              while (pos > 0 && x > v[pos - 1]) { v[pos] = v[pos - 1]; c[pos] = c[pos - 1]; --pos; }
-              v[pos] = x; c[pos] = flat;
-            }
-          }
+          combine_halves(v1.data(), c1.data(), v2.data(), c2.data(), k, S, op + (r0 + i) * k, ip + (r0 + i) * k);
         }
       }
     });
   });
   return {scores, indices};
 }
+
+namespace {
+
+template <typename T>
+inline void adam_row(T* __restrict p, T* __restrict m, T* __restrict v, const T* __restrict g, int64_t D, T decay,
+                     T w1, T b2, T w2, T step_size, T sqrt_bc2, T eps) {
+  for (int64_t i = 0; i < D; ++i) {
+    p[i] *= decay;
+    m[i] += w1 * (g[i] - m[i]);
+    v[i] = v[i] * b2 + w2 * g[i] * g[i];
+    p[i] -= step_size * m[i] / (std::sqrt(v[i]) / sqrt_bc2 + eps);
+  }
+}
+
+}  // namespace
 
 // AdamW (torch.optim.AdamW's arithmetic) on rows `rows` of param/exp_avg/exp_avg_sq, gradient rows `grad`.
 void row_adam_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor rows,
@@ -294,15 +534,14 @@ void row_adam_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg
     const scalar_t step_size = lr / bias_correction1, sqrt_bc2 = std::sqrt(bias_correction2), e = eps;
     at::parallel_for(0, U, 64, [&](int64_t b, int64_t end) {
       for (int64_t u = b; u < end; ++u) {
-        const int64_t o = rp[u] * D;
-        scalar_t *p = pp + o, *m = mp + o, *v = vp + o;
-        const scalar_t* g = gp + u * D;
-        for (int64_t i = 0; i < D; ++i) {
-          p[i] *= decay;
-          m[i] += w1 * (g[i] - m[i]);
-          v[i] = v[i] * b2 + w2 * g[i] * g[i];
-          p[i] -= step_size * m[i] / (std::sqrt(v[i]) / sqrt_bc2 + e);
+        if (u + PREFETCH_AHEAD < end) {
+          const int64_t ahead = rp[u + PREFETCH_AHEAD] * D;
+          prefetch_row(pp + ahead, D * sizeof(scalar_t));
+          prefetch_row(mp + ahead, D * sizeof(scalar_t));
+          prefetch_row(vp + ahead, D * sizeof(scalar_t));
         }
+        const int64_t o = rp[u] * D;
+        adam_row(pp + o, mp + o, vp + o, gp + u * D, D, decay, w1, b2, w2, step_size, sqrt_bc2, e);
       }
     });
   });
@@ -312,6 +551,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_dot", &gather_dot);
   m.def("weighted_bag", &weighted_bag);
   m.def("row_grads", &row_grads);
+  m.def("dense_row_grads", &dense_row_grads);
+  m.def("empty_huge", [](std::vector<int64_t> shape, torch::ScalarType dtype) {
+    return empty_huge(shape, torch::TensorOptions().dtype(dtype));
+  });
   m.def("topk_rows", &topk_rows);
   m.def("product_key_topk", &product_key_topk);
   m.def("row_adam_", &row_adam_);
@@ -330,8 +573,8 @@ def _cpp():
             from torch.utils.cpp_extension import load_inline
 
             _cpp_module = load_inline(
-                name="peer_kernels_v5", cpp_sources=[_CPP_SOURCE],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                name="peer_kernels_v6", cpp_sources=[_CPP_SOURCE],
+                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"],
             )
         except Exception as e:  # no compiler, no ninja, ...: the torch backend still works
             _cpp_error = f"{type(e).__name__}: {e}"
@@ -347,6 +590,17 @@ def backend(*tensors: torch.Tensor) -> str:
     applies = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
                   for t in tensors if t.is_floating_point())
     return "cpp" if choice == "cpp" and applies and _cpp() is not None else "torch"
+
+
+def empty_table(rows: int, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised [rows, cols] CPU tensor for a table read at random rows (PEER's experts, their optimizer
+    state): backed by transparent huge pages where the C++ kernels apply, since with 4 KiB pages nearly every
+    random row read of a 1 GiB table is also a TLB miss (gathers 1.5-1.8x slower at N = 1024^2). A no-op
+    where the kernel does not back madvised memory with huge pages."""
+    dtype = dtype or torch.get_default_dtype()
+    if backend(torch.empty(0, dtype=dtype)) == "cpp":
+        return _cpp().empty_huge([rows, cols], dtype)
+    return torch.empty(rows, cols, dtype=dtype)
 
 
 def _bag_offsets(R: int, M: int, device) -> torch.Tensor:
@@ -416,6 +670,15 @@ def row_grads(idx: torch.Tensor, N: int, *pairs: tuple[torch.Tensor, torch.Tenso
         G = torch.zeros(rows.numel(), X.shape[1], dtype=X.dtype, device=X.device)
         out.append(G.index_add_(0, inverse, contrib.reshape(R * M, -1)))
     return out
+
+
+def dense_row_grads(idx: torch.Tensor, N: int, c: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """G [N, D]: G[n] = sum over idx[r, m] = n of c[r, m] X[r], for small tables (a dense copy per thread)."""
+    idx, c, X = idx.contiguous(), c.contiguous(), X.contiguous()
+    if backend(c, X) == "cpp":
+        return _cpp().dense_row_grads(idx, N, c, X)
+    R, M = idx.shape
+    return X.new_zeros(N, X.shape[1]).index_add_(0, idx.reshape(-1), (c.reshape(R, M, 1) * X.reshape(R, 1, -1)).reshape(R * M, -1))
 
 
 def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

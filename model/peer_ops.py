@@ -75,10 +75,7 @@ class _ProductKeyTopK(torch.autograd.Function):
             g_q = g_q.view(ctx.q_shape)
         if ctx.needs_input_grad[1]:
             q1, q2 = q_RQ[:, :half].contiguous(), q_RQ[:, half:].contiguous()
-            g_sub = torch.stack([
-                _table_grad(*K.row_grads(rows, num_sub, (g_RK, q1)), (num_sub, half), sparse=False),
-                _table_grad(*K.row_grads(cols, num_sub, (g_RK, q2)), (num_sub, half), sparse=False),
-            ])
+            g_sub = torch.stack([K.dense_row_grads(rows, num_sub, g_RK, q1), K.dense_row_grads(cols, num_sub, g_RK, q2)])
         return g_q, g_sub, None
 
 

@@ -51,8 +51,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg"] = _zero_table_like(p)
+                    state["exp_avg_sq"] = _zero_table_like(p)
                 state["step"] += 1
                 rows, grad = touched_rows(p.grad)
                 K.row_adam_(
@@ -62,6 +62,12 @@ class RowSparseAdam(torch.optim.Optimizer):
                     bias_correction1=1 - beta1 ** state["step"], bias_correction2=1 - beta2 ** state["step"],
                 )
         return loss
+
+
+def _zero_table_like(p: torch.Tensor) -> torch.Tensor:
+    if p.device.type == "cpu":  # huge pages: the moments are read and written at random rows, like the table
+        return K.empty_table(*p.shape, dtype=p.dtype).zero_()
+    return torch.zeros_like(p, memory_format=torch.contiguous_format)
 
 
 def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

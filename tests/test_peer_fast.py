@@ -156,6 +156,53 @@ def test_kernels_match_dense_math(backend):
     assert torch.equal(vals, ref_vals) and torch.equal(cols, ref_cols)
 
 
+@pytest.mark.parametrize("num_sub,half,top_k", [(128, 64, 16), (20, 3, 5), (37, 8, 20), (16, 4, 16), (33, 5, 33),
+                                                (64, 16, 1), (48, 7, 40)])
+def test_product_key_topk_float32_is_exact(backend, num_sub, half, top_k):
+    """The float32 C++ retrieval (scores in registers, candidates above a group-maxima bound) returns the exact
+    top-k over all S^2 composed keys, for S not a multiple of 16 and k above 16 too."""
+    torch.manual_seed(num_sub * 1000 + half * 10 + top_k)
+    q = torch.randn(200, 2 * half)
+    sub_keys = torch.randn(2, num_sub, half)
+    scores, indices = peer_kernels.product_key_topk(q, sub_keys, top_k)
+    keys = torch.cat([sub_keys[0].repeat_interleave(num_sub, 0), sub_keys[1].repeat(num_sub, 1)], -1).double()
+    ref_scores, ref_indices = (q.double() @ keys.t()).topk(top_k, dim=-1)
+    assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all()), "scores sorted descending"
+
+
+def test_product_key_topk_survives_nan_queries(backend):
+    q = torch.randn(6, 16)
+    q[2] = float("nan")
+    scores, indices = peer_kernels.product_key_topk(q, torch.randn(2, 32, 8), 8)
+    assert bool(((indices >= 0) & (indices < 32 * 32)).all())
+    assert bool(scores[2].isnan().all()) and not bool(scores[[0, 1, 3, 4, 5]].isnan().any())
+
+
+def test_dense_row_grads_match_dense_math(backend):
+    torch.manual_seed(2)
+    R, M, D, N = 300, 6, 10, 17
+    idx, c, X = torch.randint(0, N, (R, M)), torch.randn(R, M, dtype=torch.float64), torch.randn(R, D, dtype=torch.float64)
+    dense = torch.zeros(N, D, dtype=torch.float64).index_add_(0, idx.reshape(-1), (c[..., None] * X[:, None]).reshape(-1, D))
+    torch.testing.assert_close(peer_kernels.dense_row_grads(idx, N, c, X), dense)
+
+
+def test_row_grads_of_large_tables_and_reused_buffers(backend):
+    """Gradients larger than the cache are written with streaming stores; a released buffer is written in place."""
+    torch.manual_seed(3)
+    R, M, D, N = 60_000, 2, 128, 200_000  # U ~ 90k touched rows: 2 x U x D x 4 bytes > 64 MiB
+    idx, X, Y = torch.randint(0, N, (R, M)), torch.randn(R, D), torch.randn(R, D)
+    c1, c2 = torch.randn(R, M), torch.randn(R, M)
+    buffers = [torch.empty(R * M, D), torch.empty(R * M, D)]
+    rows, G1, G2 = peer_kernels.row_grads(idx, N, (c1, X), (c2, Y), out=buffers)
+    for c, Z, G in ((c1, X, G1), (c2, Y, G2)):
+        dense = torch.zeros(N, D).index_add_(0, idx.reshape(-1), (c[..., None] * Z[:, None]).reshape(-1, D))
+        torch.testing.assert_close(G, dense[rows])
+    if backend == "cpp":
+        assert G1.data_ptr() == buffers[0].data_ptr() and G2.data_ptr() == buffers[1].data_ptr()
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_row_sparse_adam_is_adamw_on_touched_rows(backend, weight_decay):
     torch.manual_seed(0)

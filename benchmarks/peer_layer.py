@@ -15,7 +15,12 @@ train mode (query BN on batch statistics), GELU, softmax gates. For each N = n^2
 - reference: model.peer.PEERReference (gathers the [T, h, k, d] rows), and PEER-pytorch 0.2.2 if importable
   (configured like-for-like: dim_key = query_dim / 2, non_competing_scores=False so that h*k experts are
   active with softmax gates; its sub-keys are per head);
-- dense FFWs: hidden h*k = 128 (equal active parameters) and hidden = PEER forward FLOPs / (4 d) (equal FLOPs).
+- of which retrieval: the query network, batch norm and product-key top-k alone (forward + backward into the
+  scores), the part that is arithmetic (2 h sqrt(N) query_dim FLOPs per token for the sub-key scores) rather
+  than memory traffic;
+- dense FFWs: hidden h*k = 128 (equal active parameters) and hidden = PEER forward FLOPs / (4 d) (equal FLOPs);
+- the default study's models: training tokens/s of each distinct model of studies/isoflop.yaml with the study's
+  batch and one thread (as one trial worker has), the model's step alone (no Ray, DeepSpeed or W&B).
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def _layer(kind: str, num_experts: int):
     from model.ffw import DenseFFW
     from model.peer import PEERReference
 
-    if kind in ("fast", "fast_dense_adamw"):
+    if kind in ("fast", "fast_dense_adamw", "retrieval"):
         return PEER(D, num_experts, H, K, Q, sparse_grad=kind == "fast")
     if kind == "reference":
         return PEERReference(D, num_experts, H, K, Q)
@@ -124,6 +129,15 @@ def worker(kind: str, num_experts: int, repeats: int, threads: int, with_step: b
             p.grad = None
         x.grad = None
         layer(x).backward(grad_y)
+
+    if kind == "retrieval":
+        scores_grad = torch.randn(1, T, H, K)
+
+        def fwd_bwd():
+            for p in layer.parameters():
+                p.grad = None
+            x.grad = None
+            layer.retrieve(x)[0].backward(scores_grad)
 
     base = _maxrss_mib()
     result["fwd_bwd_s"] = _median_time(fwd_bwd, repeats)
@@ -203,12 +217,35 @@ def training_tokens_per_second(cfg, batch: int, steps: int = 5, threads: int | N
     return batch * cfg.max_seq_len / _median_time(step, steps)
 
 
+def study_throughput(study_path: Path, threads: int, steps: int) -> list[dict]:
+    """Training tokens per second of every distinct model of a study (one row per method and size), with the
+    study's batch, `threads` threads, in this process: the model's own step, without Ray, DeepSpeed or W&B."""
+    from peer_sweeps.study import load_and_plan
+
+    _, trials = load_and_plan(study_path)
+    seen, rows = set(), []
+    for t in trials:
+        key = json.dumps(t.model, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        cfg = t.model_config
+        tps = training_tokens_per_second(cfg, t.batch_tokens // t.seq_len, steps=steps, threads=threads)
+        rows.append({"method": t.method, "model": f"d{cfg.d_model} L{cfg.n_layers}", "params": t.params_total,
+                     "tokens_per_s": tps})
+        print(f"# {t.method} d{cfg.d_model} L{cfg.n_layers}: {tps:,.0f} tokens/s", file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", default="128,512,1024", help="sqrt(N) values, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--slow-repeats", type=int, default=3, help="repeats for the reference and PEER-pytorch")
+    ap.add_argument("--study", type=Path, default=ROOT / "studies" / "isoflop.yaml",
+                    help="whose models' training throughput to measure ('' to skip)")
+    ap.add_argument("--study-threads", type=int, default=1, help="threads per model, as one trial worker has")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     ap.add_argument("--worker")
     ap.add_argument("--n", type=int)
@@ -228,6 +265,7 @@ def main() -> None:
     rows = []
     for n in ns:
         row = {"N": n, "fast": _run_worker("fast", n, args.repeats, args.threads, True),
+               "retrieval": _run_worker("retrieval", n, args.repeats, args.threads, False),
                "dense_adamw": _run_worker("fast_dense_adamw", n, max(3, args.slow_repeats), args.threads, True),
                "reference": _run_worker("reference", n, args.slow_repeats, args.threads, False),
                "peer_pytorch": _run_worker("peer_pytorch", n, args.slow_repeats, args.threads, False) if have_lucid else None,
@@ -240,14 +278,16 @@ def main() -> None:
         return (row[kind] or {}).get(key, float("nan"))
 
     base_time, base_step = get(rows[0], "fast", "fwd_bwd_s"), get(rows[0], "fast", "step_s")
-    print("\n| N | fwd+bwd (s) | copy GB/s | floor (s) | time/floor | rel. to first N | peak MiB | full step (s) "
-          "| step rel. | step, dense AdamW (s) | reference (s) | PEER-pytorch (s) | x faster than PEER-pytorch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| N | fwd+bwd (s) | of which retrieval (s) | copy GB/s | floor (s) | time/floor | rel. to first N | peak MiB "
+          "| full step (s) | step rel. | step, dense AdamW (s) | reference (s) | PEER-pytorch (s) "
+          "| x faster than PEER-pytorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         t, gbps = get(row, "fast", "fwd_bwd_s"), get(row, "fast", "copy_gbps")
         lucid = get(row, "peer_pytorch", "fwd_bwd_s")
         row["floor_s"] = floor_seconds(gbps)
-        print(f"| {math.isqrt(row['N'])}^2 | {t:.3f} | {gbps:.1f} | {row['floor_s']:.3f} | {t / row['floor_s']:.2f} "
+        print(f"| {math.isqrt(row['N'])}^2 | {t:.3f} | {get(row, 'retrieval', 'fwd_bwd_s'):.3f} | {gbps:.1f} "
+              f"| {row['floor_s']:.3f} | {t / row['floor_s']:.2f} "
               f"| {t / base_time:.2f} | {get(row, 'fast', 'peak_mib'):.0f} | {get(row, 'fast', 'step_s'):.3f} "
               f"| {get(row, 'fast', 'step_s') / base_step:.2f} | {get(row, 'dense_adamw', 'step_s'):.3f} "
               f"| {get(row, 'reference', 'fwd_bwd_s'):.3f} | {lucid:.3f} | {lucid / t:.1f} |")
@@ -258,6 +298,13 @@ def main() -> None:
             print(f"| {math.isqrt(row['N'])}^2 | {'equal active params' if kind == 'ffw_active' else 'equal FLOPs'} "
                   f"| {hidden} | {get(row, kind, 'fwd_bwd_s'):.3f} | {get(row, kind, 'step_s'):.3f} "
                   f"| {get(row, kind, 'peak_mib'):.0f} |")
+
+    study_rows = study_throughput(args.study, args.study_threads, steps=3) if str(args.study) not in ("", ".") else []
+    if study_rows:
+        print(f"\n| {args.study.name}: method | model | params | training tokens/s ({args.study_threads} thread) |")
+        print("|---|---|---|---|")
+        for r in study_rows:
+            print(f"| {r['method']} | {r['model']} | {r['params']:,} | {r['tokens_per_s']:,.0f} |")
 
     last = rows[-1]
     goals = [
@@ -273,7 +320,7 @@ def main() -> None:
         print(f"- {name}: {'n/a' if met is None else 'met' if met else 'NOT met'}")
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"layer": rows, "study": study_rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -194,19 +194,6 @@ RowGroups group_rows(const torch::Tensor& idx, int64_t N) {
   return g;
 }
 
-// Per-chunk [R, D] accumulators for sums scattered over rows r: chunk 0 writes `out` itself, the others their
-// own zeroed buffer, added to `out` at the end (in chunk order, so the result depends on the thread count only).
-struct ScatterSums {
-  torch::Tensor out, extra;
-  ScatterSums(int64_t chunks, int64_t R, int64_t D, const torch::TensorOptions& o)
-      : out(torch::zeros({R, D}, o)), extra(torch::zeros({std::max<int64_t>(chunks - 1, 0), R, D}, o)) {}
-  template <typename T> T* chunk(int64_t c) { return c == 0 ? out.data_ptr<T>() : extra[c - 1].data_ptr<T>(); }
-  torch::Tensor sum() {
-    for (int64_t c = 0; c < extra.size(0); ++c) out.add_(extra[c]);
-    return out;
-  }
-};
-
 }  // namespace
 
 // Sorted unique rows of idx [R, M] and, for each (c_j [R, M], X_j [R, D]) pair,
@@ -256,20 +243,20 @@ std::vector<torch::Tensor> row_grads(torch::Tensor idx, int64_t N, std::vector<t
 }
 
 // G [N, D] = sum over (r, m) of c[r, m] X[r] into row idx[r, m], for tables small enough to keep one dense copy
-// per thread in cache (the sub-keys): pairs in token order, no sort; per-thread partial sums added in thread order.
+// per thread in cache (the sub-keys): pairs in token order, no sort; the per-chunk partial sums are then added.
 torch::Tensor dense_row_grads(torch::Tensor idx, int64_t N, torch::Tensor c, torch::Tensor X) {
   check_2d(idx, "idx"); check_2d(c, "c"); check_2d(X, "X");
   const int64_t R = idx.size(0), M = idx.size(1), D = X.size(1);
   TORCH_CHECK(idx.scalar_type() == torch::kLong && c.size(0) == R && c.size(1) == M && X.size(0) == R &&
               c.scalar_type() == X.scalar_type());
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
-  ScatterSums sums(n, N, D, X.options());
+  auto sums = torch::zeros({n, N, D}, X.options());  // one partial sum per chunk of rows r
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "dense_row_grads", [&] {
     const int64_t* ip = idx.data_ptr<int64_t>();
     const scalar_t *cp = c.data_ptr<scalar_t>(), *xp = X.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
-        scalar_t* gp = sums.chunk<scalar_t>(chunk);
+        scalar_t* gp = sums.data_ptr<scalar_t>() + chunk * N * D;
         for (int64_t r = R * chunk / n; r < R * (chunk + 1) / n; ++r)
           for (int64_t m = 0; m < M; ++m) {
             const int64_t i = ip[r * M + m];
@@ -279,7 +266,7 @@ torch::Tensor dense_row_grads(torch::Tensor idx, int64_t N, torch::Tensor c, tor
       }
     });
   });
-  return sums.sum();
+  return sums.sum(0);
 }
 
 namespace {

@@ -641,8 +641,8 @@ def _weighted_bag_flops(idx_shape, W_shape, c_shape, out_shape=None, **kwargs) -
 
 def row_grads(idx: torch.Tensor, N: int, *pairs: tuple[torch.Tensor, torch.Tensor],
               out: list[torch.Tensor] = ()) -> list[torch.Tensor]:
-    """[rows [U] (sorted, unique), G_1 [U, D_1], ...]: G_j[u] = sum over idx[r, m] = rows[u] of c_j[r, m] X_j[r].
-    `out`: optional buffers (cpp backend): G_j is the first U rows of out[j] where out[j] is large enough and
+    """[rows [U] (sorted, unique), G_1 [U, D], ...]: G_j[u] = sum over idx[r, m] = rows[u] of c_j[r, m] X_j[r],
+    every X_j [R, D] of one width (the cpp backend sums all pairs in one pass). `out`: optional buffers (cpp backend): G_j is the first U rows of out[j] where out[j] is large enough and
     no other tensor shares its memory, else fresh memory."""
     idx = idx.contiguous()
     coefs = [c.contiguous() for c, _ in pairs]

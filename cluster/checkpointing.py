@@ -5,6 +5,7 @@ Layout of one checkpoint (one directory in `<storage_path>/<run_name>/`, named `
                             shards (one file per rank), LR scheduler
     latest                  DeepSpeed's pointer to the tag
     state_rank<r>.pt        per rank: step, the caller's state dict, torch RNG states
+    shared.pt               state that is the same on every rank, outside the engine (written by rank 0)
 
 Every rank writes its own files into a local temporary directory and reports it; Ray Train copies each rank's
 directory into the same checkpoint directory on storage (the names synced from rank 0), which merges the
@@ -26,6 +27,7 @@ import ray.train
 import torch
 
 ENGINE_TAG = "engine"
+SHARED_FILE = "shared.pt"
 
 
 def _rank() -> int:
@@ -46,10 +48,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, step: int, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+def save_checkpoint(engine, step: int, state: dict[str, Any] | None, metrics: dict[str, Any],
+                    shared: dict[str, Any] | None = None) -> None:
     """Save the engine and `state` after `step` optimizer steps, and report `metrics` with the checkpoint.
 
     Call on every rank at the same steps. `state` is this rank's picklable dict (data position, history...).
+    `shared`: state every rank holds identically outside the engine (an optimizer of replicated parameters):
+    saved once, from rank 0.
     """
     rank = _rank()
     local_dir = tempfile.mkdtemp(prefix=f"ckpt-step{step}-rank{rank}-")
@@ -58,6 +63,8 @@ def save_checkpoint(engine, step: int, state: dict[str, Any] | None, metrics: di
         {"step": step, "state": state or {}, "rng": _rng_state()},
         Path(local_dir) / f"state_rank{rank}.pt",
     )
+    if shared is not None and rank == 0:
+        torch.save(shared, Path(local_dir) / SHARED_FILE)
     # Rank 0's name wins (Ray syncs it); the time suffix keeps a re-save of the same step from merging into,
     # and later being deleted with, an older directory.
     name = f"checkpoint_step{step:08d}_{time.strftime('%Y%m%d-%H%M%S')}_{time.time_ns() % 10**9:09d}"
@@ -77,8 +84,9 @@ def report_metrics(metrics: dict[str, Any]) -> None:
 def load_latest_checkpoint(engine) -> dict[str, Any] | None:
     """Restore the engine, RNG states and caller state from the run's latest checkpoint, if there is one.
 
-    Returns None on a fresh start, else `{"step": N, "state": <the dict this rank saved>}` (rank 0's state
-    when this rank has none, e.g. after a change of world size).
+    Returns None on a fresh start, else `{"step": N, "state": <the dict this rank saved>, "shared": <the
+    shared state saved with it, or None>}` (rank 0's state when this rank has none, e.g. after a change of
+    world size).
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -92,9 +100,11 @@ def load_latest_checkpoint(engine) -> dict[str, Any] | None:
         if not state_file.exists():
             state_file = Path(directory) / "state_rank0.pt"
         saved = torch.load(state_file, weights_only=False)
+        shared_file = Path(directory) / SHARED_FILE
+        shared = torch.load(shared_file, weights_only=False) if shared_file.exists() else None
     assert saved["step"] == client_state["step"], (saved["step"], client_state["step"])
     _set_rng_state(saved["rng"])
-    return {"step": saved["step"], "state": saved["state"]}
+    return {"step": saved["step"], "state": saved["state"], "shared": shared}
 
 
 def world_rank() -> int:

@@ -10,10 +10,11 @@ present in a sparse gradient only ("lazy" Adam, as torch.optim.SparseAdam and TF
   while untouched. This is where it differs from dense AdamW (rows touched every step are identical).
 Dense gradients are accepted too, and then every row is touched (exactly AdamW).
 
-DeepSpeed ZeRO has no sparse-gradient path, so the expert tables stay out of the DeepSpeed engine's
-optimizer (see BENCHMARKS.md for the recipe and the measurements): `expert_tables(model)` lists them,
-`all_reduce_row_sparse_grads` averages their sparse gradients over data-parallel ranks, and
-`clip_row_sparse_grads_` clips them by their own norm.
+DeepSpeed ZeRO has no sparse-gradient path, so a trial with `training.expert_tables: row_sparse` keeps the
+expert tables out of the DeepSpeed engine's optimizer (BENCHMARKS.md: the decision and the measurements):
+`expert_tables(model)` lists them, `all_reduce_row_sparse_grads` averages their sparse gradients over
+data-parallel ranks, `clip_row_sparse_grads_` clips them by their own norm, and `ExpertTableOptimizer` puts
+the three together for a training loop.
 """
 
 from __future__ import annotations
@@ -132,3 +133,48 @@ def clip_row_sparse_grads_(params, max_norm: float) -> torch.Tensor:
         for g in parts:
             g.mul_(scale)
     return norm
+
+
+class ExpertTableOptimizer:
+    """The expert tables of every PEER layer of `model`, trained beside a DeepSpeed engine that holds the rest.
+
+    Construction switches the PEER layers to sparse table gradients. After the backward passes of an
+    optimizer step, every data-parallel rank calls `step(lr)`: it averages the table gradients over the ranks,
+    clips them by their own norm (`grad_clip`; None or 0: no clipping), applies RowSparseAdam at `lr` and
+    releases the gradients (so the layers can reuse their buffers). The engine must be given the other
+    parameters only (`is_table` tells them apart). Every rank holds the same tables and moments, so one
+    rank's `state_dict()` restores them all.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float,
+                 grad_clip: float | None, eps: float = 1e-8):
+        from .peer import PEER
+
+        self.tables = expert_tables(model)
+        if not self.tables:
+            raise ValueError("ExpertTableOptimizer: the model has no PEER layer")
+        for module in model.modules():
+            if isinstance(module, PEER):
+                module.sparse_grad = True
+        self.grad_clip = grad_clip
+        self.optimizer = RowSparseAdam(self.tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def is_table(self, param: torch.Tensor) -> bool:
+        return any(param is table for table in self.tables)
+
+    def step(self, lr: float) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            all_reduce_row_sparse_grads(self.tables)
+        if self.grad_clip:
+            clip_row_sparse_grads_(self.tables, self.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        for table in self.tables:
+            table.grad = None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

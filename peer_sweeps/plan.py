@@ -173,10 +173,13 @@ def _resolve(study: Study, method, size, overrides, budget, fixed_tokens, seed) 
     else:
         steps = -(-fixed_tokens // t.batch_tokens)
     tokens = steps * t.batch_tokens
+    training = t.model_dump(mode="json", exclude={"seeds"})
+    if method != "peer" or t.expert_tables == "zero":
+        del training["expert_tables"]  # no change to what is trained: no change to the trial id
     resolved = {
         "study": study.name, "kind": study.design.kind, "method": method, "budget_flops": budget,
         "seq_len": t.seq_len, "batch_tokens": t.batch_tokens, "tokens": tokens, "steps": steps, "seed": seed,
-        "model": cfg.model_dump(mode="json"), "training": t.model_dump(mode="json", exclude={"seeds"}),
+        "model": cfg.model_dump(mode="json"), "training": training,
         "data": study.data.model_dump(mode="json"),
     }
     return Trial(

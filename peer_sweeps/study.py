@@ -65,6 +65,10 @@ class TrainingSpec(_Spec):
     checkpoints: int = Field(2, ge=1)  # checkpoints per trial, evenly spaced, the last at the end
     max_failures: int = Field(2, ge=0)  # worker failures a trial survives (Ray Train FailureConfig)
     divergence_factor: float = Field(3.0, gt=1)  # loss above factor x its first value: diverged
+    # Where PEER's expert tables are optimised (BENCHMARKS.md): "zero", as every other parameter, by the
+    # DeepSpeed engine's AdamW on dense gradients; "row_sparse", outside the engine by lazy row-wise AdamW on
+    # sparse gradients (model.sparse_adam) - a step that does not grow with the number of experts on CPU.
+    expert_tables: Literal["zero", "row_sparse"] = "zero"
 
     @field_validator("seeds")
     @classmethod
@@ -72,6 +76,16 @@ class TrainingSpec(_Spec):
         if not seeds:
             raise ValueError("at least one seed is needed")
         return seeds
+
+    @model_validator(mode="after")
+    def _row_sparse_tables(self):
+        if self.expert_tables == "row_sparse":
+            if self.zero_stage not in (1, 2):
+                raise ValueError(f"expert_tables: row_sparse needs zero_stage 1 or 2 (got {self.zero_stage}): "
+                                 "stage 0 would average the table gradients twice, stage 3 partitions the tables")
+            if self.precision == "bf16":
+                raise ValueError("expert_tables: row_sparse needs fp32 tables; set precision: fp32 (or auto on CPU)")
+        return self
 
 
 class BackboneSpec(_Spec):

@@ -4,7 +4,8 @@ Driver side, `run_trial(trial, results_dir)`: writes `trials/<id>/config.json`, 
 by the trial id (so a retried trial resumes from its own checkpoints and no two trials share any), and
 returns the trial's row for trials.parquet - "completed", "diverged" or "failed" with the error.
 
-Worker side, `train_loop(config)`: AdamW with linear warm-up then cosine decay to the trial's own horizon,
+Worker side, `train_loop(config)`: AdamW with linear warm-up then cosine decay to the trial's own horizon
+(PEER's expert tables optionally outside the engine, by row-sparse AdamW: `training.expert_tables`),
 gradient clipping, the global batch split over ranks (the same global batch whatever the world size),
 evaluation of every set at evenly spaced steps, checkpoints saved by DeepSpeed on all ranks, divergence
 detection. Rank 0 appends every step to `trials/<id>/metrics.jsonl` (the source of truth) and mirrors it to
@@ -134,10 +135,13 @@ def evenly_spaced_steps(total_steps: int, count: int) -> set[int]:
     return {max(1, round(total_steps * i / count)) for i in range(1, count + 1)}
 
 
-def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices; none on norms, biases, embeddings and product keys."""
+def param_groups(model, weight_decay: float, exclude=()) -> list[dict[str, Any]]:
+    """Weight decay on matrices; none on norms, biases, embeddings and product keys. `exclude`: parameters
+    left out (trained by another optimizer)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if any(param is other for other in exclude):
+            continue
         skip = param.dim() < 2 or "emb" in name or "sub_keys" in name
         (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -189,6 +193,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from cluster.eager_adamw import EagerAdamW
     from cluster.runtime import current_node_id
     from model import build_model, summarize_routing
+    from model.sparse_adam import ExpertTableOptimizer
 
     from .data import TrainBatches, evaluate_lm, load_suite
     from .tracking import MetricsLog, WandbMirror
@@ -210,8 +215,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     accum = per_rank // micro
     total_steps = trial.steps
 
-    optimizer = EagerAdamW(param_groups(model, training["weight_decay"]), lr=training["lr"],
-                           betas=tuple(training["adam_betas"]))
+    tables = None
+    if training.get("expert_tables") == "row_sparse":
+        if precision != "fp32":
+            raise ValueError(f"training.expert_tables: row_sparse needs fp32 tables, but precision resolves to "
+                             f"{precision} here; set training.precision: fp32")
+        tables = ExpertTableOptimizer(model, lr=training["lr"], betas=tuple(training["adam_betas"]),
+                                      weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
+    groups = param_groups(model, training["weight_decay"], exclude=tables.tables if tables is not None else ())
+    optimizer = EagerAdamW(groups, lr=training["lr"], betas=tuple(training["adam_betas"]))
     schedule = lambda step: lr_schedule(step, total_steps, training["warmup_fraction"], training["min_lr_ratio"])  # noqa: E731
     engine = build_engine(
         model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
@@ -221,6 +233,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     restored = load_latest_checkpoint(engine)
     start_step = restored["step"] if restored else 0
     state = restored["state"] if restored else {"train_seconds": 0.0, "first_loss": None}
+    if restored and tables is not None:
+        tables.load_state_dict(restored["shared"]["expert_tables"])
 
     directory = Path(config["trial_dir"])
     log = MetricsLog(directory / METRICS_FILE, truncate_after_step=start_step) if rank == 0 else None
@@ -261,6 +275,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.detach().double().cpu() / accum
+            if tables is not None:
+                tables.step(training["lr"] * schedule(step))
             if world > 1:
                 dist.all_reduce(step_loss)
                 step_loss /= world
@@ -281,7 +297,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 log.append(record)
                 mirror.log(record)
             if step in checkpoint_steps:
-                save_checkpoint(engine, step, state, {"step": step, "train_loss": train_loss})
+                save_checkpoint(engine, step, state, {"step": step, "train_loss": train_loss},
+                                shared={"expert_tables": tables.state_dict()} if tables is not None else None)
     except DivergedError as e:
         status, error = "diverged", f"diverged: {e}"
         if log is not None:

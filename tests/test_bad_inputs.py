@@ -24,9 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 PEER = {"num_experts": 1024, "heads": 2, "top_k": 4, "query_dim": 16}
 
 
-def edit(change):
-    """A study case: the small study with `change(study_dict)` applied."""
-    return ("study", change)
+def edit(*changes):
+    """A study case: the small study with each `change(study_dict)` applied."""
+    def change_all(study):
+        for change in changes:
+            change(study)
+
+    return ("study", change_all)
 
 
 def raw(text: str | bytes):
@@ -102,6 +106,13 @@ STUDY_CASES = [
     ("ablation-budgets-and-tokens", edit(_ablation(budgets=[1.0e9])), ["design", "exactly one of budgets or tokens"]),
     ("ablation-method-not-configured", edit(_ablation(method="pkm")), ["design.method 'pkm'"]),
     ("zero-stage-out-of-range", edit(_set("training.zero_stage", 5)), ["training.zero_stage"]),
+    ("row-sparse-tables-under-zero-3", edit(_set("training.expert_tables", "row_sparse"),
+                                            _set("training.zero_stage", 3)),
+     ["training", "expert_tables: row_sparse needs zero_stage 1 or 2 (got 3)"]),
+    ("row-sparse-tables-in-bf16", edit(_set("training.expert_tables", "row_sparse"),
+                                       _set("training.precision", "bf16")),
+     ["training", "expert_tables: row_sparse needs fp32 tables"]),
+    ("unknown-expert-tables", edit(_set("training.expert_tables", "sparse")), ["training.expert_tables"]),
     ("zero-evals", edit(_set("training.evals", 0)), ["training.evals"]),
     ("zero-max-concurrent", edit(_set("resources.max_concurrent", 0)), ["resources.max_concurrent"]),
     ("negative-lr", edit(_set("training.lr", -1.0e-3)), ["training.lr"]),

@@ -131,3 +131,21 @@ def test_smoke_study_runs_resumes_and_reports(data_root, tmp_path):
     assert base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     header = (out / "report" / "optimal.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["method", "budget_flops", "params_opt", "ppl_opt"] and header[-2:] == ["n_points", "flag"]
+
+
+def test_row_sparse_expert_tables_change_the_peer_trials_only():
+    from peer_sweeps.study import parse_study
+
+    smoke = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
+
+    def plan(**training):
+        study = {**smoke, "training": {**smoke["training"], **training}}
+        return {t.label: t for t in plan_study(parse_study(study))}
+
+    default, zero, row_sparse = plan(), plan(expert_tables="zero"), plan(expert_tables="row_sparse")
+    assert {label: t.trial_id for label, t in zero.items()} == {label: t.trial_id for label, t in default.items()}
+    assert {t.method for t in row_sparse.values()} == {"dense", "moe", "pkm", "peer"}
+    for label, trial in row_sparse.items():
+        peer = trial.method == "peer"
+        assert (trial.trial_id != default[label].trial_id) == peer, label
+        assert trial.training.get("expert_tables") == ("row_sparse" if peer else None), label

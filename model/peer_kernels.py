@@ -304,11 +304,82 @@ inline int lane_mask(v8f a, v8f b, float thr) {
 
 // The k best of n candidates (values x, columns j), descending, ties: the earlier candidate first, written to v,
 // c; NaN-filled where n < k (only where scores are NaN).
-inline void select_candidates(const float* x, const int64_t* j, int64_t n, int64_t k, float* v, int64_t* c) {
+inline void select_candidates(const float* x, const int32_t* j, int64_t n, int64_t k, float* v, int64_t* c) {
   int64_t kept = 0;
   for (int64_t i = 0; i < n; ++i) topk_offer(x[i], j[i], k, v, c, kept);
   for (; kept < k; ++kept) { v[kept] = std::numeric_limits<float>::quiet_NaN(); c[kept] = 0; }
 }
+
+#if defined(__AVX2__)
+// For each 8-bit mask, its set lanes in order (then zeros): the permutation that left-packs them.
+struct LeftPack {
+  alignas(32) int32_t lanes[256][8];
+  LeftPack() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) lanes[m][n++] = l;
+      for (; n < 8; ++n) lanes[m][n] = 0;
+    }
+  }
+};
+const LeftPack LEFT_PACK;
+
+// The scores sr[0, end) above threshold (end a multiple of 8) and their columns, appended in column order to
+// x and j (which have 8 entries of slack); returns how many. Without a branch per score or per chunk.
+inline int64_t pack_above(const float* sr, int64_t end, float threshold, float* x, int32_t* j) {
+  const __m256 t = _mm256_set1_ps(threshold);
+  int64_t n = 0;
+  for (int64_t i = 0; i < end; i += 8) {
+    const __m256 s = _mm256_loadu_ps(sr + i);
+    const int m = _mm256_movemask_ps(_mm256_cmp_ps(s, t, _CMP_GT_OQ));
+    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(LEFT_PACK.lanes[m]));
+    _mm256_storeu_ps(x + n, _mm256_permutevar8x32_ps(s, lanes));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(j + n), _mm256_add_epi32(lanes, _mm256_set1_epi32(i)));
+    n += __builtin_popcount(m);
+  }
+  return n;
+}
+
+// select_candidates for k <= 16 and candidates that are numbers above -inf, in column order: the 16 best so far
+// live in two AVX registers and each candidate is inserted by compares and blends, without a branch (the
+// branches of the insertion above, one unpredictable per candidate and per shifted entry, cost 3x more).
+inline void select_candidates16(const float* x, const int32_t* j, int64_t n, int64_t k, float* v, int64_t* c) {
+  const __m256i left_neighbour = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+  const __m256 lane0 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, 0, 0, 0, 0, 0, 0));
+  __m256 v0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), v1 = v0;
+  __m256 c0 = _mm256_setzero_ps(), c1 = c0;  // int32 columns, only ever moved as float bits
+  // Lane l of (a0, a1) shifted to lane l + 1 of the 16; lane 0 gets `first`.
+  auto shift = [&](__m256 a0, __m256 a1, __m256 first, __m256& s0, __m256& s1) {
+    const __m256 p0 = _mm256_permutevar8x32_ps(a0, left_neighbour), p1 = _mm256_permutevar8x32_ps(a1, left_neighbour);
+    s0 = _mm256_blendv_ps(p0, first, lane0);
+    s1 = _mm256_blend_ps(p1, p0, 1);
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 xv = _mm256_set1_ps(x[i]);
+    const __m256 jv = _mm256_castsi256_ps(_mm256_set1_epi32(j[i]));
+    // Entries >= x stay (ties: the earlier candidate first); x goes to the first lane after them; the rest
+    // move one lane on.
+    const __m256 stay0 = _mm256_cmp_ps(v0, xv, _CMP_GE_OQ), stay1 = _mm256_cmp_ps(v1, xv, _CMP_GE_OQ);
+    __m256 ahead0, ahead1, sv0, sv1, sc0, sc1;
+    shift(stay0, stay1, lane0, ahead0, ahead1);
+    shift(v0, v1, xv, sv0, sv1);
+    shift(c0, c1, jv, sc0, sc1);
+    v0 = _mm256_blendv_ps(_mm256_blendv_ps(sv0, xv, ahead0), v0, stay0);
+    v1 = _mm256_blendv_ps(_mm256_blendv_ps(sv1, xv, ahead1), v1, stay1);
+    c0 = _mm256_blendv_ps(_mm256_blendv_ps(sc0, jv, ahead0), c0, stay0);
+    c1 = _mm256_blendv_ps(_mm256_blendv_ps(sc1, jv, ahead1), c1, stay1);
+  }
+  alignas(32) float vs[16];
+  alignas(32) int32_t cs[16];
+  _mm256_store_ps(vs, v0); _mm256_store_ps(vs + 8, v1);
+  _mm256_store_ps(reinterpret_cast<float*>(cs), c0); _mm256_store_ps(reinterpret_cast<float*>(cs + 8), c1);
+  for (int64_t l = 0; l < k; ++l) {
+    v[l] = l < n ? vs[l] : std::numeric_limits<float>::quiet_NaN();
+    c[l] = l < n ? cs[l] : 0;
+  }
+}
+#endif
 
 // For RB queries (rows of q, stride ld) and the S sub-keys of one half (keys [S, half], and the same in chunks of
 // 16 sub-keys, chunked [S / 16, half, 16]): each query's top-k sub-key scores and columns (v, c: RB x k,
@@ -319,7 +390,7 @@ inline void select_candidates(const float* x, const int64_t* j, int64_t n, int64
 // 2. only the scores >= t (about 3 k of them for random scores) are candidates for select_candidates.
 template <int RB>
 void subkey_topk_block(const float* q, int64_t ld, const float* keys, const float* chunked, int64_t half,
-                       int64_t S, int64_t k, float* scores, float* cand_x, int64_t* cand_j, float* v, int64_t* c) {
+                       int64_t S, int64_t k, float* scores, float* cand_x, int32_t* cand_j, float* v, int64_t* c) {
   constexpr int MAXP = 4;
   const int64_t chunks = S / 16, P = (k + 15) / 16;
   const bool bounded = P <= MAXP && chunks >= P;
@@ -368,13 +439,24 @@ void subkey_topk_block(const float* q, int64_t ld, const float* keys, const floa
     }
     const float* sr = scores + r * S;
     int64_t n = 0, j = 0;
+#if defined(__AVX2__)
+    j = S / 8 * 8;
+    n = pack_above(sr, j, threshold, cand_x, cand_j);
+#else
     for (; j + 16 <= S; j += 16)
       for (int mask = lane_mask(load8(sr + j), load8(sr + j + 8), threshold); mask; mask &= mask - 1) {
         const int l = __builtin_ctz(mask);
         cand_x[n] = sr[j + l]; cand_j[n++] = j + l;
       }
+#endif
     for (; j < S; ++j)
       if (sr[j] > threshold || !bounded) { cand_x[n] = sr[j]; cand_j[n++] = j; }
+#if defined(__AVX2__)
+    if (bounded && k <= 16) {
+      select_candidates16(cand_x, cand_j, n, k, v + r * k, c + r * k);
+      continue;
+    }
+#endif
     select_candidates(cand_x, cand_j, n, k, v + r * k, c + r * k);
   }
 }
@@ -435,8 +517,9 @@ std::vector<torch::Tensor> product_key_topk(torch::Tensor q, torch::Tensor sub_k
     int64_t* ip = indices.data_ptr<int64_t>();
     constexpr int RB = 6;  // queries per register block
     at::parallel_for(0, (R + RB - 1) / RB, 16, [&](int64_t b0, int64_t b1) {
-      std::vector<float> v1(RB * k), v2(RB * k), scores_buf(RB * S), cand_x(S);
-      std::vector<int64_t> c1(RB * k), c2(RB * k), cand_j(S);
+      std::vector<float> v1(RB * k), v2(RB * k), scores_buf(RB * S), cand_x(S + 8);
+      std::vector<int64_t> c1(RB * k), c2(RB * k);
+      std::vector<int32_t> cand_j(S + 8);
       // Top-k of both halves for `rows` queries from row r; out: v1, c1, v2, c2 from entry `at`.
       auto halves = [&](auto rows, int64_t r, int64_t at) {
         constexpr int n = decltype(rows)::value;
@@ -560,7 +643,7 @@ def _cpp():
             from torch.utils.cpp_extension import load_inline
 
             _cpp_module = load_inline(
-                name="peer_kernels_v6", cpp_sources=[_CPP_SOURCE],
+                name="peer_kernels_v8", cpp_sources=[_CPP_SOURCE],
                 extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"],
             )
         except Exception as e:  # no compiler, no ninja, ...: the torch backend still works

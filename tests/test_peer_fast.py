@@ -298,3 +298,19 @@ def test_sparse_grads_accumulate_and_released_buffers_are_reused(backend):
     layer.zero_grad(set_to_none=True)
     layer(x1).sum().backward()
     torch.testing.assert_close(layer.w_up.weight.grad.to_dense(), first)
+
+
+@pytest.mark.parametrize("top_k", [4, 16, 20])
+def test_product_key_topk_float32_is_exact_under_ties(backend, top_k):
+    """Small integer queries and keys: many composed scores tie, also across the k-th place. The result is a
+    top-k all the same: the k best scores, each at an index whose score it is, no index twice."""
+    torch.manual_seed(top_k)
+    num_sub, half = 64, 4
+    q = torch.randint(-1, 2, (300, 2 * half)).float()
+    sub_keys = torch.randint(-1, 2, (2, num_sub, half)).float()
+    scores, indices = peer_kernels.product_key_topk(q, sub_keys, top_k)
+    keys = torch.cat([sub_keys[0].repeat_interleave(num_sub, 0), sub_keys[1].repeat(num_sub, 1)], -1)
+    all_scores = q @ keys.t()
+    assert torch.equal(scores, all_scores.topk(top_k, dim=-1).values)
+    assert torch.equal(all_scores.gather(1, indices), scores)
+    assert bool((indices.sort(-1).values.diff(dim=-1) > 0).all()), "no index twice"

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from model import ModelConfig, PEER, build_model
 from model import peer_kernels
 from model.peer import PEERReference
-from model.sparse_adam import RowSparseAdam, all_reduce_row_sparse_grads, clip_row_sparse_grads_, expert_tables
+from model.sparse_adam import (ExpertTableOptimizer, RowSparseAdam, all_reduce_row_sparse_grads,
+                               clip_row_sparse_grads_, expert_tables)
 
 BACKENDS = ["torch"] + (["cpp"] if peer_kernels._cpp() is not None else [])
 
@@ -257,6 +258,38 @@ def test_expert_tables_lists_every_peer_table():
     peers = [m for m in model.modules() if isinstance(m, PEER)]
     assert len(tables) == 2 * len(peers) > 0
     assert all(t.shape == (64, 16) for t in tables)
+
+
+def test_expert_table_optimizer_beside_adamw_is_adamw_when_every_row_is_touched(backend):
+    """The trial's row_sparse split - ExpertTableOptimizer for the tables, AdamW for the rest, the schedule's lr
+    handed to both - trains exactly like one AdamW over everything when every expert is retrieved every step
+    (16 experts, 64 tokens) and nothing is clipped."""
+    cfg = ModelConfig(vocab_size=32, d_model=8, n_layers=1, n_heads=2, max_seq_len=16,
+                      sparse={"method": "peer", "num_experts": 16, "heads": 2, "top_k": 4, "query_dim": 4,
+                              "query_bn": False})
+    torch.manual_seed(0)
+    split, whole = build_model(cfg).double(), build_model(cfg).double()
+    whole.load_state_dict(split.state_dict())
+    hyper = dict(betas=(0.9, 0.95), weight_decay=0.1)
+    tables = ExpertTableOptimizer(split, lr=1e-2, grad_clip=None, **hyper)
+    rest = [p for p in split.parameters() if not tables.is_table(p)]
+    assert len(rest) + 2 == len(list(split.parameters())) and all(t.grad is None for t in tables.tables)
+    rest_opt = torch.optim.AdamW(rest, lr=1e-2, **hyper)
+    whole_opt = torch.optim.AdamW(whole.parameters(), lr=1e-2, **hyper)
+    for step, lr in enumerate((1e-2, 5e-3, 2e-3)):
+        tokens = torch.randint(0, 32, (4, 17), generator=torch.Generator().manual_seed(step))
+        for model in (split, whole):
+            F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        assert all(t.grad.is_sparse for t in tables.tables)
+        for group in rest_opt.param_groups + whole_opt.param_groups:
+            group["lr"] = lr
+        tables.step(lr)
+        rest_opt.step(), whole_opt.step()
+        rest_opt.zero_grad(), whole_opt.zero_grad()
+        assert all(t.grad is None for t in tables.tables)  # released: the layer may reuse its buffers
+    for (name, a), b in zip(split.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert tables.state_dict()["state"][0]["step"] == 3
 
 
 def _all_reduce_worker(rank, port, results):

@@ -2,8 +2,9 @@
 
 Checks: 2 workers with ZeRO-2 train exactly like 1 worker with the same global batch (gradients really are
 all-reduced); a rank-0 worker SIGKILLed mid-trial is replaced and the trial resumes from its checkpoint to
-the very losses of an uninterrupted run; the same two with PEER's expert tables outside ZeRO (row_sparse); the W&B offline run holds the logged metrics (read back through
-W&B's own record schema); a NaN loss ends the trial as "diverged".
+the very losses of an uninterrupted run; the same two with PEER's expert tables outside ZeRO (row_sparse);
+the W&B offline run holds the logged metrics (read back through W&B's own record schema); a NaN loss ends
+the trial as "diverged".
 """
 
 from __future__ import annotations

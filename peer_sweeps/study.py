@@ -209,6 +209,14 @@ class Study(_Spec):
         return methods
 
     @model_validator(mode="after")
+    def _row_sparse_tables_in_fp32_on_gpu(self):
+        if (self.training.expert_tables == "row_sparse" and self.training.precision == "auto"
+                and self.resources.gpus_per_worker > 0):
+            raise ValueError("training.expert_tables: row_sparse needs fp32 tables, and precision auto is bf16 on "
+                             "GPU workers; set training.precision: fp32")
+        return self
+
+    @model_validator(mode="after")
     def _ablated_method_is_configured(self):
         if isinstance(self.design, AblationDesign) and self.design.method not in self.methods:
             raise ValueError(f"design.method {self.design.method!r} is not among methods {sorted(self.methods)}")

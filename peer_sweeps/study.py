@@ -77,16 +77,6 @@ class TrainingSpec(_Spec):
             raise ValueError("at least one seed is needed")
         return seeds
 
-    @model_validator(mode="after")
-    def _row_sparse_tables(self):
-        if self.expert_tables == "row_sparse":
-            if self.zero_stage not in (1, 2):
-                raise ValueError(f"expert_tables: row_sparse needs zero_stage 1 or 2 (got {self.zero_stage}): "
-                                 "stage 0 would average the table gradients twice, stage 3 partitions the tables")
-            if self.precision == "bf16":
-                raise ValueError("expert_tables: row_sparse needs fp32 tables; set precision: fp32 (or auto on CPU)")
-        return self
-
 
 class BackboneSpec(_Spec):
     """Model settings shared by every trial; the model size (d_model, n_layers) comes from the design."""
@@ -209,11 +199,17 @@ class Study(_Spec):
         return methods
 
     @model_validator(mode="after")
-    def _row_sparse_tables_in_fp32_on_gpu(self):
-        if (self.training.expert_tables == "row_sparse" and self.training.precision == "auto"
-                and self.resources.gpus_per_worker > 0):
-            raise ValueError("training.expert_tables: row_sparse needs fp32 tables, and precision auto is bf16 on "
-                             "GPU workers; set training.precision: fp32")
+    def _row_sparse_tables(self):
+        training = self.training
+        if training.expert_tables != "row_sparse":
+            return self
+        if training.zero_stage not in (1, 2):
+            raise ValueError(f"training.expert_tables: row_sparse needs zero_stage 1 or 2 (got {training.zero_stage}):"
+                             " stage 0 would average the table gradients twice, stage 3 partitions the tables")
+        if training.precision == "bf16" or (training.precision == "auto" and self.resources.gpus_per_worker > 0):
+            why = "precision bf16" if training.precision == "bf16" else "precision auto is bf16 on GPU workers"
+            raise ValueError(f"training.expert_tables: row_sparse needs fp32 tables, and {why}; "
+                             "set training.precision: fp32")
         return self
 
     @model_validator(mode="after")

@@ -216,10 +216,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     total_steps = trial.steps
 
     tables = None
-    if training.get("expert_tables") == "row_sparse":
-        if precision != "fp32":
-            raise ValueError(f"training.expert_tables: row_sparse needs fp32 tables, but precision resolves to "
-                             f"{precision} here; set training.precision: fp32")
+    if training.get("expert_tables") == "row_sparse":  # fp32 and ZeRO 1-2: checked when the study was loaded
         tables = ExpertTableOptimizer(model, lr=training["lr"], betas=tuple(training["adam_betas"]),
                                       weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
     groups = param_groups(model, training["weight_decay"], exclude=tables.tables if tables is not None else ())

@@ -107,14 +107,16 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(killed_and_clean):
     assert killed["ppl"] == pytest.approx(clean["ppl"], rel=1e-5)
 
 
+ROW_SPARSE_PEER = dict(method="peer", method_params={"query_bn": False}, checkpoints=4, evals=2,
+                       expert_tables="row_sparse")
+
+
 @pytest.fixture(scope="module")
 def row_sparse_runs(ray_cluster, data_root, tmp_path_factory, monkeypatch_module):
     """A PEER trial with row_sparse expert tables (query BN off: its statistics are per rank) run on one
     worker, then on two workers whose rank 0 is SIGKILLed after the second of four checkpoints."""
-    trial = make_trial(data_root, method="peer", method_params={"query_bn": False}, checkpoints=4, evals=2,
-                       expert_tables="row_sparse")
-    two = make_trial(data_root, method="peer", method_params={"query_bn": False}, checkpoints=4, evals=2,
-                     expert_tables="row_sparse", workers=2)
+    trial = make_trial(data_root, **ROW_SPARSE_PEER)
+    two = make_trial(data_root, **ROW_SPARSE_PEER, workers=2)
     one_dir, two_dir = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     monkeypatch_module.delenv("PEER_SWEEPS_FAULT", raising=False)
     one = run_trial(trial, one_dir, "disabled", data_root=data_root)
@@ -127,8 +129,7 @@ def row_sparse_runs(ray_cluster, data_root, tmp_path_factory, monkeypatch_module
 def test_row_sparse_tables_resume_and_train_alike_on_two_workers(row_sparse_runs, data_root):
     trial, one, one_dir, killed, two_dir = row_sparse_runs
     assert trial.training["expert_tables"] == "row_sparse"
-    assert trial.trial_id != make_trial(data_root, method="peer", method_params={"query_bn": False},
-                                        checkpoints=4, evals=2).trial_id
+    assert trial.trial_id != make_trial(data_root, **{**ROW_SPARSE_PEER, "expert_tables": "zero"}).trial_id
     assert one["status"] == killed["status"] == "completed", (one["error"], killed["error"])
     assert (trial_dir(two_dir, trial.trial_id) / ".fault-kill-done").exists(), "the fault did not fire"
     # The resumed two-worker run follows the uninterrupted one-worker run step for step...

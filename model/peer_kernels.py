@@ -343,7 +343,7 @@ inline int64_t pack_above(const float* sr, int64_t end, float threshold, float* 
 
 // select_candidates for k <= 16 and candidates that are numbers above -inf, in column order: the 16 best so far
 // live in two AVX registers and each candidate is inserted by compares and blends, without a branch (the
-// branches of the insertion above, one unpredictable per candidate and per shifted entry, cost 3x more).
+// insertion above takes an unpredictable branch per candidate and per entry it shifts).
 inline void select_candidates16(const float* x, const int32_t* j, int64_t n, int64_t k, float* v, int64_t* c) {
   const __m256i left_neighbour = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
   const __m256 lane0 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, 0, 0, 0, 0, 0, 0));

@@ -220,7 +220,7 @@ def training_tokens_per_second(cfg, batch: int, steps: int = 5, threads: int | N
 def study_throughput(study_path: Path, threads: int, steps: int) -> list[dict]:
     """Training tokens per second of every distinct model of a study (one row per method and size), with the
     study's batch, `threads` threads, in this process: the model's own step, without Ray, DeepSpeed or W&B."""
-    from peer_sweeps.study import load_and_plan
+    from peer_sweeps.plan import load_and_plan
 
     _, trials = load_and_plan(study_path)
     seen, rows = set(), []

@@ -1,8 +1,7 @@
 """Model configuration: one pydantic config per component, and `ModelConfig` for the whole Transformer.
 
-`ModelConfig` answers the counts a scaling study needs without building the model (see model/flops.py):
-`params_total()`, `params_active()`, `params_backbone()`, `forward_flops_per_token(seq_len)`,
-`train_flops_per_token(seq_len)` and `flops_breakdown(seq_len)`.
+The counts a scaling study needs without building the model are functions of a `ModelConfig` in
+model/flops.py (which reads this module; this one imports no counts).
 """
 
 from __future__ import annotations
@@ -109,25 +108,3 @@ class ModelConfig(_Strict):
         if self.sparse is None:
             return ()
         return self.sparse_layers if self.sparse_layers is not None else (self.n_layers // 2,)
-
-    def params_total(self) -> int:
-        from .flops import params_total
-        return params_total(self)
-
-    def params_active(self) -> int:
-        from .flops import params_active
-        return params_active(self)
-
-    def params_backbone(self) -> int:
-        from .flops import params_backbone
-        return params_backbone(self)
-
-    def flops_breakdown(self, seq_len: int | None = None) -> dict[str, float]:
-        from .flops import forward_flops_breakdown
-        return forward_flops_breakdown(self, seq_len or self.max_seq_len)
-
-    def forward_flops_per_token(self, seq_len: int | None = None) -> float:
-        return sum(self.flops_breakdown(seq_len).values())
-
-    def train_flops_per_token(self, seq_len: int | None = None) -> float:
-        return 3 * self.forward_flops_per_token(seq_len)

@@ -80,8 +80,9 @@ def params_active(cfg: ModelConfig) -> int:
     return _params(cfg, active=True)
 
 
-def forward_flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token by part (see the module docstring)."""
+def forward_flops_breakdown(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Forward FLOPs per token by part (see the module docstring); seq_len defaults to cfg.max_seq_len."""
+    seq_len = seq_len or cfg.max_seq_len
     d, L = cfg.d_model, cfg.n_layers
     n_sparse = len(cfg.sparse_layer_ids)
     parts = {
@@ -105,3 +106,11 @@ def forward_flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         per_expert = 2.0 if isinstance(s, PKMConfig) else 4.0
         parts["experts"] = per_expert * s.heads * s.top_k * d * n_sparse
     return parts
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    return sum(forward_flops_breakdown(cfg, seq_len).values())
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    return 3 * forward_flops_per_token(cfg, seq_len)

@@ -106,7 +106,7 @@ def data_prepare(
 def plan(study: Path = typer.Argument(..., help="Study YAML file."),
          as_json: bool = typer.Option(False, "--json", help="Print a JSON array, one object per trial.")):
     """Expand a study into its trials; run nothing."""
-    from .study import load_and_plan
+    from .plan import load_and_plan
 
     _, trials = _guard(load_and_plan, study)
     if as_json:

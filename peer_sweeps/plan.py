@@ -10,11 +10,13 @@ import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from model import ModelConfig
+from model.flops import forward_flops_per_token, params_active, params_backbone, params_total, train_flops_per_token
 
-from .study import AblationDesign, IsoFlopDesign, ModelSize, Study, StudyError
+from .study import AblationDesign, IsoFlopDesign, ModelSize, Study, StudyError, load_study
 
 BUDGET_TOLERANCE = 0.01
 # Rough costs for time estimates. CPU: one fp32 worker on the 2-core development machine, two trials at a
@@ -85,6 +87,15 @@ def plan_study(study: Study) -> list[Trial]:
     if not trials:
         raise StudyError(f"study {study.name!r}: the design has no trials")
     return trials
+
+
+def load_and_plan(path: str | Path) -> tuple[Study, list[Trial]]:
+    """`load_study(path)` and its trials; a cell that cannot be planned is a StudyError naming the file."""
+    study = load_study(path)
+    try:
+        return study, plan_study(study)
+    except StudyError as e:
+        raise StudyError(f"{path}: {e}") from None
 
 
 def _check_batch(study: Study) -> None:
@@ -159,7 +170,7 @@ def _resolve(study: Study, method, size, overrides, budget, fixed_tokens, seed) 
         message = e.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(e, "errors") else str(e)
         raise StudyError(f"study {study.name!r}, cell [{cell}]: {message}") from None
     t = study.training
-    train_fpt = cfg.train_flops_per_token(t.seq_len)
+    train_fpt = train_flops_per_token(cfg, t.seq_len)
     flops_per_step = train_fpt * t.batch_tokens
     if budget is not None:
         steps = round(budget / flops_per_step)
@@ -185,12 +196,12 @@ def _resolve(study: Study, method, size, overrides, budget, fixed_tokens, seed) 
     return Trial(
         trial_id=trial_hash(resolved),
         label=cell + ("" if len(t.seeds) == 1 else f" seed={seed}"),
-        forward_flops_per_token=cfg.forward_flops_per_token(t.seq_len),
+        forward_flops_per_token=forward_flops_per_token(cfg, t.seq_len),
         train_flops_per_token=train_fpt,
         total_flops=tokens * train_fpt,
-        params_total=cfg.params_total(),
-        params_active=cfg.params_active(),
-        params_backbone=cfg.params_backbone(),
+        params_total=params_total(cfg),
+        params_active=params_active(cfg),
+        params_backbone=params_backbone(cfg),
         resources=study.resources.model_dump(mode="json"),
         **resolved,
     )

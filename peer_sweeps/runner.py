@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
-from .plan import Trial
+from .plan import Trial, load_and_plan
 from .results import DONE_STATUSES, ResultsDir
-from .study import Study, StudyError, load_and_plan
+from .study import Study, StudyError
 from .trial import run_trial, trial_row
 
 

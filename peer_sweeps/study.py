@@ -243,17 +243,6 @@ def load_study(path: str | Path) -> Study:
     return parse_study(raw, source=str(path))
 
 
-def load_and_plan(path: str | Path):
-    """`load_study(path)` and its trials; a cell that cannot be planned is a StudyError naming the file."""
-    from .plan import plan_study
-
-    study = load_study(path)
-    try:
-        return study, plan_study(study)
-    except StudyError as e:
-        raise StudyError(f"{path}: {e}") from None
-
-
 def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:
     try:
         # Strict JSON-mode validation: lists may fill tuples and ints floats, but "3" is no number.

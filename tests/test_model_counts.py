@@ -8,6 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import ModelConfig, build_model, unevenness, usage
+from model.flops import (forward_flops_breakdown, forward_flops_per_token, params_active, params_total,
+                         train_flops_per_token)
 
 BASE = dict(vocab_size=384, d_model=64, n_layers=4, n_heads=4, max_seq_len=32)
 SPARSE = {
@@ -25,7 +27,7 @@ SPARSE = {
 def test_params_total_equals_numel(name, tie):
     cfg = ModelConfig(**BASE, sparse=SPARSE[name], tie_embeddings=tie, sparse_layers=(1, 3) if name == "peer" else None)
     model = build_model(cfg)
-    assert cfg.params_total() == sum(p.numel() for p in model.parameters())
+    assert params_total(cfg) == sum(p.numel() for p in model.parameters())
 
 
 def test_params_active_by_hand():
@@ -36,11 +38,11 @@ def test_params_active_by_hand():
     dense_blocks = 3 * (block + 2 * d * F)
     # PEER block: query map 64 x (4 heads x 16), batch norm 2 x 64, sub-keys 32 x 16, 4 heads x top-8 experts of u, v
     peer_block = block + 64 * 64 + 2 * 64 + 32 * 16 + 4 * 8 * 2 * d
-    assert cfg.params_active() == embeddings + dense_blocks + peer_block + 2 * d
+    assert params_active(cfg) == embeddings + dense_blocks + peer_block + 2 * d
     moe = ModelConfig(**BASE, sparse=SPARSE["moe_tc"])
-    assert moe.params_active() == embeddings + dense_blocks + block + 64 * 8 + 2 * (2 * d * F) + 2 * d
+    assert params_active(moe) == embeddings + dense_blocks + block + 64 * 8 + 2 * (2 * d * F) + 2 * d
     dense = ModelConfig(**BASE)
-    assert dense.params_active() == dense.params_total() == embeddings + 4 * (block + 2 * d * F) + 2 * d
+    assert params_active(dense) == params_total(dense) == embeddings + 4 * (block + 2 * d * F) + 2 * d
 
 
 def counted_forward_flops(cfg, batch=2):
@@ -55,25 +57,25 @@ def counted_forward_flops(cfg, batch=2):
 def test_dense_flops_match_flop_counter():
     for seq_len in (32, 128):
         cfg = ModelConfig(**(BASE | {"max_seq_len": seq_len}))
-        assert cfg.forward_flops_per_token() == pytest.approx(counted_forward_flops(cfg), rel=0.01)
-        assert cfg.train_flops_per_token() == 3 * cfg.forward_flops_per_token()
+        assert forward_flops_per_token(cfg) == pytest.approx(counted_forward_flops(cfg), rel=0.01)
+        assert train_flops_per_token(cfg) == 3 * forward_flops_per_token(cfg)
 
 
 @pytest.mark.parametrize("name", ["moe_ec", "moe_tc", "pkm", "peer"])
 def test_sparse_flops_match_flop_counter_on_visible_terms(name):
     """The counter sees matmuls only: not the k^2 candidate sums, nor PKM's embedding-bag value sums."""
     cfg = ModelConfig(**BASE, sparse=SPARSE[name])
-    parts = cfg.flops_breakdown()
+    parts = forward_flops_breakdown(cfg)
     invisible = parts["candidate_sums"] + (parts["experts"] if name == "pkm" else 0.0)
     assert parts["router"] > 0 and parts["experts"] > 0
-    assert cfg.forward_flops_per_token() - invisible == pytest.approx(counted_forward_flops(cfg), rel=0.01)
+    assert forward_flops_per_token(cfg) - invisible == pytest.approx(counted_forward_flops(cfg), rel=0.01)
 
 
 def test_flops_breakdown_of_paper_peer_layer():
     """Research note: N = 1024^2, h = 8, k = 16, d = 1024, d_q = 256: retrieval costs more than the experts."""
     cfg = ModelConfig(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, max_seq_len=2048,
                       sparse={"method": "peer", "num_experts": 1024**2, "heads": 8, "top_k": 16, "query_dim": 256})
-    p = cfg.flops_breakdown()
+    p = forward_flops_breakdown(cfg)
     assert p["router"] == 2 * 1024 * 8 * 256
     assert p["subkey_scoring"] == 2 * 8 * 1024 * 256
     assert p["candidate_sums"] == 8 * 16**2

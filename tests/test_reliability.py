@@ -44,7 +44,7 @@ def _env(**extra) -> dict[str, str]:
 
 
 def _plan(study: Path) -> list[str]:
-    from peer_sweeps.study import load_and_plan
+    from peer_sweeps.plan import load_and_plan
 
     return [t.trial_id for t in load_and_plan(study)[1]]
 

@@ -11,16 +11,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from peer_sweeps.report import parametric
+
 from peer_sweeps.report import write_report
 from peer_sweeps.report.write import answer
 from synthetic_results import ABLATION_STUDY, EVAL_SETS, STUDY, synthetic_tables, write_synthetic_results
 
 FIGURES = ["isoflop.png", "frontier.png", "ablations.png", "curves_isoflop.png", "curves_ablation.png"]
-TABLES = ["optimal.csv", "verdicts.csv", "seed_noise.csv", "isoflop_fits.csv", "power_laws.csv", "table1.csv", "iso_time.csv", "ablations.csv",
+TABLES = ["optimal.csv", "verdicts.csv", "seed_noise.csv", "isoflop_fits.csv", "approach3.csv", "parametric_fits.csv", "power_laws.csv", "table1.csv", "iso_time.csv", "ablations.csv",
           "table2.csv", "failed_trials.csv", "status_counts.csv"]
 CONTRACT_COLUMNS = (["method", "budget_flops", "params_opt", "ppl_opt"] + [f"ppl_opt_{s}" for s in EVAL_SETS]
                     + ["n_points", "flag"])
 EXTRA_COLUMNS = ["ppl_opt_lo", "ppl_opt_hi", "n_seeds", "n_sizes", "ppl_vertex"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_bootstraps():
+    """Approach 3's starts and bootstrap refits take most of a report's time; a few exercise them here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parametric, "NUM_BOOTSTRAPS", 3)
+        mp.setattr(parametric, "NUM_STARTS", 2)
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -135,3 +135,29 @@ def test_optimal_table_and_power_law(curves):
 def test_lower_envelope_is_best_so_far():
     xs, best = lower_envelope(np.array([3.0, 1.0, 2.0, 4.0]), np.array([5.0, 9.0, 7.0, 6.0]))
     assert list(xs) == [1.0, 2.0, 3.0, 4.0] and list(best) == [9.0, 7.0, 5.0, 5.0]
+
+
+def test_approach3_recovers_a_planted_law_and_matches_lbfgs():
+    """Loss from L = E + A/N^alpha + B/D^beta (Chinchilla's fitted values) at 5 budgets x 5 sizes with 0.2%
+    noise: the fit recovers E, alpha and beta, and no L-BFGS run from the grid's best starts goes lower."""
+    from scipy.optimize import minimize as scipy_minimize
+
+    from peer_sweeps.report import parametric
+
+    rng = np.random.default_rng(0)
+    budgets, sizes = np.logspace(17, 19, 5), np.logspace(-0.6, 0.6, 5)
+    n = np.concatenate([10 ** (6 + 0.5 * np.log10(c / 1e17)) * sizes for c in budgets])
+    d = np.repeat(budgets, 5) / (6 * n)
+    loss = (1.69 + 406.4 / n**0.34 + 410.7 / d**0.28) * np.exp(rng.normal(0, 0.002, len(n)))
+    fit = parametric.fit_parametric(n, d, loss, 6 * np.ones_like(n), num_bootstraps=20)
+    assert fit.converged
+    assert fit.params["E"] == pytest.approx(1.69, rel=0.1)
+    assert fit.params["alpha"] == pytest.approx(0.34, abs=0.05) and fit.params["beta"] == pytest.approx(0.28, abs=0.05)
+    args = (np.log(n), np.log(d), np.log(loss))
+    starts = parametric._GRID[np.argsort(parametric.objective(parametric._GRID, np.ones((len(parametric._GRID), len(n))),
+                                                              *args))[:3]]
+    for start in starts:
+        ref = scipy_minimize(parametric._value_and_grad, start, args=args, jac=True, method="L-BFGS-B")
+        assert fit.objective <= ref.fun + 1e-9
+    n_lo, n_hi, _, _ = fit.optimum_interval(1e18)
+    assert n_lo <= fit.optimum(1e18)[0] <= n_hi

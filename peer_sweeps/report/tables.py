@@ -20,6 +20,7 @@ from peer_sweeps.report.fits import (
     fit_power_law,
     lower_envelope,
 )
+from peer_sweeps.report.parametric import MIN_TRIALS, ParametricFit, fit_parametric
 from peer_sweeps.report.results import Results
 from peer_sweeps.report.seeds import Change, Interval, Noise, compare, pooled_noise, t_interval
 
@@ -226,6 +227,68 @@ def fits_table(curves: list[IsoflopCurve]) -> pd.DataFrame:
             "huber_scale": f.huber_scale, "reduced_chi2": f.chi2, "flag": f.flag,
         })
     return pd.DataFrame(rows)
+
+
+def parametric_fits(results: Results) -> dict[str, ParametricFit | str]:
+    """Approach 3 per method over its completed isoFLOP trials (every seed); a string says why not."""
+    done = completed_isoflop(results)
+    fits: dict[str, ParametricFit | str] = {}
+    for method in sorted_methods(done["method"].unique()):
+        t = done[done["method"] == method]
+        tokens = pd.to_numeric(t["tokens"], errors="coerce").to_numpy(float)
+        flops = pd.to_numeric(t["total_flops"], errors="coerce").to_numpy(float)
+        ok = np.isfinite(tokens) & (tokens > 0) & np.isfinite(flops) & (flops > 0)
+        t, tokens, flops = t[ok], tokens[ok], flops[ok]
+        if len(t) < MIN_TRIALS or t["budget_flops"].nunique() < 2 or t["params_backbone"].nunique() < 3:
+            fits[method] = (f"{len(t)} trials at {t['budget_flops'].nunique()} budget(s): Approach 3 needs"
+                            f" {MIN_TRIALS} trials over 2 budgets and 3 sizes")
+            continue
+        fits[method] = fit_parametric(t["params_backbone"].to_numpy(float), tokens, t["log_ppl"].to_numpy(float),
+                                      flops / tokens)
+    return fits
+
+
+def approach3_table(fits: dict[str, ParametricFit | str], curves: list[IsoflopCurve]) -> pd.DataFrame:
+    """Approach 3's optimum per (method, budget) with bootstrap 95% intervals, beside Approach 2's; `warning`
+    where they disagree: Approach 2's perplexity interval (over seeds; its point without seeds) misses
+    Approach 3's, or a trusted Approach-2 vertex lies outside Approach 3's size interval."""
+    rows = []
+    for c in curves:
+        fit = fits.get(c.method)
+        row = {"method": c.method, "budget_flops": c.budget, "params_opt_a2": c.params_opt, "ppl_opt_a2": c.ppl_opt,
+               "params_opt_a3": np.nan, "params_a3_lo": np.nan, "params_a3_hi": np.nan, "ppl_opt_a3": np.nan,
+               "ppl_a3_lo": np.nan, "ppl_a3_hi": np.nan, "warning": ""}
+        if not isinstance(fit, ParametricFit):
+            row["warning"] = fit or "no fit"
+            rows.append(row)
+            continue
+        n_opt, loss_opt = fit.optimum(c.budget)
+        n_lo, n_hi, l_lo, l_hi = fit.optimum_interval(c.budget)
+        row |= {"params_opt_a3": n_opt, "params_a3_lo": n_lo, "params_a3_hi": n_hi, "ppl_opt_a3": np.exp(loss_opt),
+                "ppl_a3_lo": np.exp(l_lo), "ppl_a3_hi": np.exp(l_hi)}
+        a2_lo, a2_hi = (c.interval.lo, c.interval.hi) if np.isfinite(c.interval.lo) else (c.fit.y_opt, c.fit.y_opt)
+        warnings = []
+        if np.isfinite(l_lo) and (np.exp(a2_hi) < row["ppl_a3_lo"] or np.exp(a2_lo) > row["ppl_a3_hi"]):
+            warnings.append("perplexity intervals of Approaches 2 and 3 do not overlap")
+        if not c.fit.flag and np.isfinite(n_lo) and not (n_lo <= c.params_opt <= n_hi):
+            warnings.append("Approach 2's vertex lies outside Approach 3's size interval")
+        row["warning"] = "; ".join(warnings)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def parametric_table(fits: dict[str, ParametricFit | str]) -> pd.DataFrame:
+    """The fitted L(N, D) = E + A / N^alpha + B / D^beta per method."""
+    rows = []
+    for method, fit in fits.items():
+        if isinstance(fit, ParametricFit):
+            rows.append({"method": method, **fit.params, "n_trials": fit.num_trials, "converged": fit.converged,
+                         "n_bootstraps": len(fit.boots), "note": ""})
+        else:
+            rows.append({"method": method, "E": np.nan, "A": np.nan, "alpha": np.nan, "B": np.nan, "beta": np.nan,
+                         "n_trials": np.nan, "converged": False, "n_bootstraps": 0, "note": fit})
+    return pd.DataFrame(rows, columns=["method", "E", "A", "alpha", "B", "beta", "n_trials", "converged",
+                                       "n_bootstraps", "note"])
 
 
 def power_laws(optimal: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, PowerLaw]]:

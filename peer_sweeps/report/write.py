@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from peer_sweeps.report import figures, tables
+from peer_sweeps.report import figures, parametric, tables
 from peer_sweeps.report.fits import HUBER_TUNING, MISS_SE
+from peer_sweeps.report.parametric import HUBER_DELTA
 from peer_sweeps.report.seeds import LEVEL
 from peer_sweeps.report.figures import format_count, format_experts, format_flops
 from peer_sweeps.report.render import Document
@@ -193,6 +194,9 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
     verdicts = tables.verdicts_table(curves)
     noise_rows = tables.noise_table(noise)
     fits = tables.fits_table(curves)
+    parametric_by_method = tables.parametric_fits(results)
+    approach3 = tables.approach3_table(parametric_by_method, curves)
+    parametric_rows = tables.parametric_table(parametric_by_method)
     laws_table, laws = tables.power_laws(optimal)
     t1 = tables.table1(optimal, eval_sets)
     iso_time = tables.iso_time_table(curves)
@@ -201,7 +205,7 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
     failures = tables.failures_table(results)
     counts = tables.status_counts(results)
     csvs = {"optimal.csv": optimal, "verdicts.csv": verdicts, "seed_noise.csv": noise_rows,
-            "isoflop_fits.csv": fits, "power_laws.csv": laws_table, "table1.csv": t1,
+            "isoflop_fits.csv": fits, "approach3.csv": approach3, "parametric_fits.csv": parametric_rows, "power_laws.csv": laws_table, "table1.csv": t1,
             "iso_time.csv": iso_time, "ablations.csv": points, "table2.csv": t2, "failed_trials.csv": failures,
             "status_counts.csv": counts}
     for name, frame in csvs.items():
@@ -278,6 +282,33 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
         doc.table(_optimal_display(optimal))
     else:
         doc.paragraph("No completed isoFLOP trial yet: no curves to fit.")
+
+    if len(parametric_rows):
+        doc.heading("Approach 3: a parametric fit of every trial")
+        doc.paragraph(
+            "Per method, L(N, D) = E + A / N^alpha + B / D^beta (N backbone parameters, D training tokens, L the"
+            " final validation loss in nats) fitted to every completed isoFLOP trial and seed with a Huber loss"
+            f" (delta {HUBER_DELTA:g}) on log L (Besiroglu et al. 2024): the best {parametric.NUM_STARTS} of the"
+            " Chinchilla paper's 4500 starting points descend together, L-BFGS polishes the best; its optimum on each budget's isoFLOP curve, with"
+            f" 2.5-97.5 percentiles over {int(parametric_rows['n_bootstraps'].max())} refits on resampled trials. A warning marks where it"
+            " disagrees with Approach 2 (the isoFLOP curves above). With a few sizes per budget its exponents"
+            " are poorly determined: read it as a check on Approach 2, not as a scaling law.")
+        doc.table(pd.DataFrame([{
+            "method": method_label(r["method"]), "E": _or_dash(lambda v: f"{v:.3f}", r["E"]),
+            "A": _or_dash(lambda v: f"{v:.3g}", r["A"]), "alpha": _or_dash(lambda v: f"{v:.2f}", r["alpha"]),
+            "B": _or_dash(lambda v: f"{v:.3g}", r["B"]), "beta": _or_dash(lambda v: f"{v:.2f}", r["beta"]),
+            "trials": _or_dash(lambda v: f"{v:.0f}", r["n_trials"]), "note": r["note"]}
+            for _, r in parametric_rows.iterrows()]))
+        if len(approach3):
+            doc.table(pd.DataFrame([{
+                "method": method_label(r["method"]), "budget (FLOPs)": format_flops(r["budget_flops"]),
+                "A2 params_opt": format_count(r["params_opt_a2"]), "A2 ppl_opt": _ppl(r["ppl_opt_a2"]),
+                "A3 params_opt (95% CI)": _or_dash(format_count, r["params_opt_a3"]) + (
+                    f" ({format_count(r['params_a3_lo'])} - {format_count(r['params_a3_hi'])})"
+                    if np.isfinite(_num(r["params_a3_lo"])) else ""),
+                "A3 ppl_opt (95% CI)": _ppl(_num(r["ppl_opt_a3"])) + (
+                    f" ({r['ppl_a3_lo']:.2f} - {r['ppl_a3_hi']:.2f})" if np.isfinite(_num(r["ppl_a3_lo"])) else ""),
+                "warning": r["warning"]} for _, r in approach3.iterrows()]))
 
     doc.heading("Compute-optimal frontier and iso-time")
     if drawn["frontier.png"]:

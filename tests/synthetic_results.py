@@ -1,11 +1,12 @@
 """A synthetic results directory with known answers, written with the schemas of peer_sweeps/schema.py.
 
-isoFLOP trials of four methods at three budgets on a 7-size grid; log-perplexity is a parabola in
-log10(params_backbone) whose vertex `true_vertex(method, budget)` is known, plus Gaussian noise. Planted:
+isoFLOP trials of four methods at three budgets on a 7-size grid, each trained with `seeds` seeds;
+log-perplexity is a parabola in log10(params_backbone) whose vertex `true_vertex(method, budget)` and minimum
+`true_log_ppl_min` are known, plus Gaussian noise of sd `noise` per trial (the seed noise). Planted:
 - EDGE: the vertex of (moe, 1e19) lies beyond the largest size of the grid;
 - TWO_POINTS: (pkm, 1e17) has only 2 completed sizes, the rest failed (out of memory);
 - OUTLIER: one (peer, 1e18) point has perplexity 40% too high, next to the vertex;
-- DIVERGED: the largest (dense, 1e17) model diverged;
+- DIVERGED: the largest (dense, 1e17) model diverged with seed 0;
 plus ablation trials of PEER (num_experts x query BN; heads x top_k) with usage and unevenness, one failed.
 """
 
@@ -47,8 +48,8 @@ def true_vertex(method: str, budget: float) -> float:
     return grid_centre(budget) + (0.9 if (method, budget) == EDGE else SHIFT[method])
 
 
-def true_log_ppl_min(method: str, budget: float) -> float:
-    return math.log(40.0) - 0.15 * (math.log10(budget) - 17) - GAIN[method]
+def true_log_ppl_min(method: str, budget: float, gain: dict[str, float] = GAIN) -> float:
+    return math.log(40.0) - 0.15 * (math.log10(budget) - 17) - gain[method]
 
 
 def _model_fields(method: str, x: float, num_experts: int | None = None, heads: int = 8, top_k: int = 16) -> dict:
@@ -76,10 +77,10 @@ def _model_fields(method: str, x: float, num_experts: int | None = None, heads: 
 
 
 def _trial_row(study: str, kind: str, method: str, budget: float, x: float, log_ppl: float, index: int,
-               rng: np.random.Generator, noise: float, **model_kw) -> dict:
+               rng: np.random.Generator, noise: float, seed: int = 0, **model_kw) -> dict:
     row = {"trial_id": f"{kind[:3]}-{method}-{index:03d}", "study": study, "kind": kind, "method": method,
            "status": "completed", "budget_flops": budget, "total_flops": budget, "seq_len": SEQ_LEN,
-           "batch_tokens": BATCH_TOKENS, "seed": 0, "lr": 1e-3, "attempts": 1, "ray_nodes": ["node-0"],
+           "batch_tokens": BATCH_TOKENS, "seed": seed, "lr": 1e-3, "attempts": 1, "ray_nodes": ["node-0"],
            "error": None, "finished_at": "2025-01-01T00:00:00Z"}
     row |= _model_fields(method, x, **model_kw)
     row["tokens"] = int(budget / (6 * row["params_active"]))
@@ -99,7 +100,7 @@ def _trial_row(study: str, kind: str, method: str, budget: float, x: float, log_
     return row
 
 
-def _isoflop_rows(rng: np.random.Generator, noise: float) -> list[dict]:
+def _isoflop_rows(rng: np.random.Generator, noise: float, seeds: int, gain: dict[str, float]) -> list[dict]:
     rows = []
     for method in METHODS:
         for budget in BUDGETS:
@@ -107,36 +108,39 @@ def _isoflop_rows(rng: np.random.Generator, noise: float) -> list[dict]:
             xs = grid_centre(budget) + GRID_OFFSETS
             outlier_at = int(np.argmin(np.abs(xs - (vertex + 0.2))))
             for i, x in enumerate(xs):
-                log_ppl = true_log_ppl_min(method, budget) + CURVATURE * (x - vertex) ** 2 + rng.normal(0, noise)
-                if (method, budget) == OUTLIER and i == outlier_at:
-                    log_ppl += math.log(1.4)
-                row = _trial_row(STUDY, "isoflop", method, budget, x, log_ppl, len(rows), rng, noise)
-                if (method, budget) == TWO_POINTS and i not in (2, 4):
-                    _fail(row, "failed", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
-                if (method, budget) == DIVERGED and i == len(xs) - 1:
-                    _fail(row, "diverged", f"training loss became NaN at step {row['steps'] // 2}")
-                rows.append(row)
+                for seed in range(seeds):
+                    log_ppl = (true_log_ppl_min(method, budget, gain) + CURVATURE * (x - vertex) ** 2
+                               + rng.normal(0, noise))
+                    if (method, budget) == OUTLIER and i == outlier_at:
+                        log_ppl += math.log(1.4)
+                    row = _trial_row(STUDY, "isoflop", method, budget, x, log_ppl, len(rows), rng, noise, seed)
+                    if (method, budget) == TWO_POINTS and i not in (2, 4):
+                        _fail(row, "failed", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+                    if (method, budget) == DIVERGED and i == len(xs) - 1 and seed == 0:
+                        _fail(row, "diverged", f"training loss became NaN at step {row['steps'] // 2}")
+                    rows.append(row)
     return rows
 
 
-def _ablation_rows(rng: np.random.Generator, noise: float) -> list[dict]:
+def _ablation_rows(rng: np.random.Generator, noise: float, seeds: int) -> list[dict]:
     budget = 1e18
     x = grid_centre(budget) + SHIFT["peer"]
     base = true_log_ppl_min("peer", budget)
     rows = []
-    for num_experts in (1024, 4096, 16384, 65536):
-        for query_bn in (False, True):
-            log_ppl = base + 0.015 * (16 - math.log2(num_experts)) + (0.0 if query_bn else 0.01)
-            row = _trial_row(ABLATION_STUDY, "ablation", "peer", budget, x, log_ppl + rng.normal(0, noise),
-                             1000 + len(rows), rng, noise, num_experts=num_experts)
-            row["query_bn"] = query_bn
-            row["usage"] = 1.0 if query_bn or num_experts < 65536 else 0.998
-            row["unevenness"] = (0.3 + 0.2 * math.log(num_experts / 1024, 4)) * (1.0 if query_bn else 1.45)
-            rows.append(row)
-    for heads, top_k in ((1, 16), (2, 16), (4, 16), (8, 16), (16, 16)):
-        log_ppl = base + 0.04 * (math.log2(128) - math.log2(heads * top_k)) ** 2 / 4
-        rows.append(_trial_row(ABLATION_STUDY, "ablation", "peer", budget, x, log_ppl + rng.normal(0, noise),
-                               1000 + len(rows), rng, noise, num_experts=65536, heads=heads, top_k=top_k))
+    for seed in range(seeds):
+        for num_experts in (1024, 4096, 16384, 65536):
+            for query_bn in (False, True):
+                log_ppl = base + 0.015 * (16 - math.log2(num_experts)) + (0.0 if query_bn else 0.01)
+                row = _trial_row(ABLATION_STUDY, "ablation", "peer", budget, x, log_ppl + rng.normal(0, noise),
+                                 1000 + len(rows), rng, noise, seed, num_experts=num_experts)
+                row["query_bn"] = query_bn
+                row["usage"] = 1.0 if query_bn or num_experts < 65536 else 0.998
+                row["unevenness"] = (0.3 + 0.2 * math.log(num_experts / 1024, 4)) * (1.0 if query_bn else 1.45)
+                rows.append(row)
+        for heads, top_k in ((1, 16), (2, 16), (4, 16), (8, 16), (16, 16)):
+            log_ppl = base + 0.04 * (math.log2(128) - math.log2(heads * top_k)) ** 2 / 4
+            rows.append(_trial_row(ABLATION_STUDY, "ablation", "peer", budget, x, log_ppl + rng.normal(0, noise),
+                                   1000 + len(rows), rng, noise, seed, num_experts=65536, heads=heads, top_k=top_k))
     failed = _trial_row(ABLATION_STUDY, "ablation", "peer", budget, x, base, 1000 + len(rows), rng, noise,
                         num_experts=262144)
     _fail(failed, "failed", "ray.exceptions.RayTaskError: worker died (out of host memory)")
@@ -179,10 +183,13 @@ def _curve_rows(trial: dict) -> list[dict]:
     return rows
 
 
-def synthetic_tables(seed: int = 0, noise: float = 0.004, all_failed: bool = False) -> tuple[pa.Table, pa.Table]:
-    """(trials, curves) tables of the synthetic study; `all_failed` turns every trial into a failure."""
+def synthetic_tables(seed: int = 0, noise: float = 0.004, seeds: int = 3, gain: dict[str, float] | None = None,
+                     all_failed: bool = False) -> tuple[pa.Table, pa.Table]:
+    """(trials, curves) tables of the synthetic study: `seeds` seeds per cell, seed noise `noise` (sd of
+    log-perplexity), each method's `gain` in log-perplexity below dense (default GAIN); `all_failed` turns
+    every trial into a failure."""
     rng = np.random.default_rng(seed)
-    trials = _isoflop_rows(rng, noise) + _ablation_rows(rng, noise)
+    trials = _isoflop_rows(rng, noise, seeds, gain or GAIN) + _ablation_rows(rng, noise, seeds)
     if all_failed:
         for row in trials:
             _fail(row, "failed", "RuntimeError: NCCL error: unhandled system error")
@@ -200,3 +207,16 @@ def write_synthetic_results(out_dir: str | Path, curves: bool = True, **kwargs) 
     if curves:
         pq.write_table(curves_table, out_dir / "curves.parquet")
     return out_dir
+
+
+def curve_table(method: str, budget: float, params: list[float], ppl_by_seed: list[list[float]]) -> pa.Table:
+    """The trials of one isoFLOP curve with given perplexities: ppl_by_seed[s][i] at params[i], seed s."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed, ppls in enumerate(ppl_by_seed):
+        for p, ppl in zip(params, ppls):
+            row = _trial_row(STUDY, "isoflop", method, budget, math.log10(p), math.log(ppl), len(rows), rng, 0.0,
+                             seed)
+            row["params_backbone"] = int(p)
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=trials_schema(EVAL_SETS))

@@ -11,15 +11,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from peer_sweeps.report import parametric
+
 from peer_sweeps.report import write_report
 from peer_sweeps.report.write import answer
 from synthetic_results import ABLATION_STUDY, EVAL_SETS, STUDY, synthetic_tables, write_synthetic_results
 
 FIGURES = ["isoflop.png", "frontier.png", "ablations.png", "curves_isoflop.png", "curves_ablation.png"]
-TABLES = ["optimal.csv", "isoflop_fits.csv", "power_laws.csv", "table1.csv", "iso_time.csv", "ablations.csv",
+TABLES = ["optimal.csv", "verdicts.csv", "seed_noise.csv", "isoflop_fits.csv", "approach3.csv", "parametric_fits.csv", "power_laws.csv", "table1.csv", "iso_time.csv", "ablations.csv",
           "table2.csv", "failed_trials.csv", "status_counts.csv"]
 CONTRACT_COLUMNS = (["method", "budget_flops", "params_opt", "ppl_opt"] + [f"ppl_opt_{s}" for s in EVAL_SETS]
                     + ["n_points", "flag"])
+EXTRA_COLUMNS = ["ppl_opt_lo", "ppl_opt_hi", "n_seeds", "n_sizes", "ppl_vertex"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_bootstraps():
+    """Approach 3's starts and bootstrap refits take most of a report's time; a few exercise them here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parametric, "NUM_BOOTSTRAPS", 3)
+        mp.setattr(parametric, "NUM_STARTS", 2)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -51,40 +63,47 @@ def test_html_embeds_its_images(report):
 def test_optimal_csv_has_the_contract_columns(report):
     out, _ = report
     optimal = pd.read_csv(out / "optimal.csv", keep_default_na=False)
-    assert list(optimal.columns) == CONTRACT_COLUMNS
+    assert list(optimal.columns) == CONTRACT_COLUMNS + EXTRA_COLUMNS
     assert len(optimal) == 12  # 4 methods x 3 budgets
     flags = optimal.set_index(["method", "budget_flops"])["flag"]
     assert flags[("moe", 1e19)].startswith("minimum at edge of grid")
-    assert flags[("pkm", 1e17)].startswith("fewer than 3 points")
-    assert (flags == "").sum() == 10
+    assert flags[("pkm", 1e17)].startswith("fewer than 3 sizes")
+    assert flags[("peer", 1e18)].startswith("residuals large next to the seed noise")  # the planted outlier
+    assert (flags == "").sum() == 9
 
 
 def test_markdown_summary_and_failures(report):
     out, trials = report
     md = (out / "report.md").read_text()
     assert STUDY in md and ABLATION_STUDY in md
-    assert "| all | 91 | 6 | 1 | 98 |" in md  # kind, completed, failed, diverged, total
+    assert "| all | 275 | 16 | 1 | 292 |" in md  # kind, completed, failed, diverged, total (3 seeds)
     assert "equal compute?** Yes. " in md
-    assert "PEER has lower perplexity than dense at 3 of 3 budget(s), MoE at 3 of 3 budget(s)" in md
+    assert "against dense: better at 3 of 3 budget(s)" in md and "against MoE: better at 3 of 3 budget(s)" in md
     for figure in FIGURES:
         assert f"]({figure})" in md
     for _, row in trials[trials["status"] != "completed"].iterrows():
         assert row["trial_id"] in md and row["error"] in md
     table2 = pd.read_csv(out / "table2.csv")
     assert len(table2) == 8 and set(table2["query_bn"]) == {True, False}  # 4 num_experts x query BN
+    assert (table2["n_trials"] % 3 == 0).all()  # the seeds of each setting averaged
 
 
-def test_answer_follows_the_data():
+def test_answer_follows_the_verdicts():
     optimal = pd.DataFrame({"method": ["dense", "peer", "dense", "peer"], "budget_flops": [1e18, 1e18, 1e19, 1e19],
                             "ppl_opt": [30.0, 33.0, 25.0, 24.0], "flag": ["", "", "", "minimum at edge of grid"]})
-    text = answer(optimal, (100.0, {"dense": 29.0, "peer": 31.0}, {"dense": 10.0, "peer": 50.0}))
-    assert text.startswith("Partly.") and "dense at 1 of 2 budget(s)" in text
-    assert "+10.0%" in text and "-4.0%" in text
-    assert "1 of the optima compared are flagged" in text
+    verdicts = pd.DataFrame({"budget_flops": [1e18, 1e19], "method": ["peer", "peer"], "baseline": ["dense", "dense"],
+                             "change_pct": [10.0, -4.0], "change_lo": [4.0, float("nan")],
+                             "change_hi": [16.0, float("nan")], "verdict": ["worse", "indistinguishable"]})
+    text = answer(verdicts, optimal, (100.0, {"dense": 29.0, "peer": 31.0}, {"dense": 10.0, "peer": 50.0}))
+    assert text.startswith("No.") and "indistinguishable at 1, worse at 1 of 2 budget(s)" in text
+    assert "1e18 +10.0% [+4.0, +16.0]" in text and "1e19 -4.0% [no interval]" in text
+    assert "counted indistinguishable, whatever its sign" in text
     assert "PEER is ahead of none of them" in text
+    verdicts.loc[0, ["change_hi", "verdict"]] = [-1.0, "better"]
+    assert answer(verdicts, optimal, (float("nan"), {}, {})).startswith("Partly.")
     assert "PEER has no trial that short (its fastest took 150 s)" in answer(
-        optimal, (100.0, {"dense": 29.0}, {"dense": 10.0, "peer": 150.0}))
-    assert "cannot be compared" in answer(optimal[optimal["method"] == "dense"], (float("nan"), {}, {}))
+        verdicts, optimal, (100.0, {"dense": 29.0}, {"dense": 10.0, "peer": 150.0}))
+    assert "cannot be compared" in answer(verdicts, optimal[optimal["method"] == "dense"], (float("nan"), {}, {}))
 
 
 def test_report_without_curves(tmp_path):
@@ -103,9 +122,9 @@ def test_report_when_every_trial_failed(tmp_path):
     write_report(tmp_path)
     md = (out / "report.md").read_text()
     assert "No isoFLOP trial has completed yet" in md
-    assert "| all | 0 | 98 | 0 | 98 |" in md
+    assert "| all | 0 | 292 | 0 | 292 |" in md
     assert not any((out / f).exists() for f in FIGURES)
-    assert list(pd.read_csv(out / "optimal.csv").columns) == CONTRACT_COLUMNS
+    assert list(pd.read_csv(out / "optimal.csv").columns) == CONTRACT_COLUMNS + EXTRA_COLUMNS
     assert "<img" not in (out / "report.html").read_text()
 
 

@@ -87,8 +87,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def isoflop_figure(curves: list[IsoflopCurve], unfinished: pd.DataFrame, path: Path) -> Path | None:
-    """One panel per budget: perplexity against backbone size per method, Huber parabola, vertex with its
-    bootstrap 95% interval; flagged curves show the fallback point hollow and say why in the panel.
+    """One panel per budget: perplexity against backbone size per method (every seed small, the mean over
+    seeds large), Huber parabola, the optimum with its 95% interval over seeds; flagged curves show the
+    optimum hollow and say why in the panel.
     `unfinished` (failed / diverged isoFLOP trials) are marked with x on the bottom edge."""
     if not curves:
         return None
@@ -100,21 +101,23 @@ def isoflop_figure(curves: list[IsoflopCurve], unfinished: pd.DataFrame, path: P
             for c in (c for c in curves if c.budget == budget):
                 color, marker = method_color(c.method), METHOD_MARKERS.get(c.method, "o")
                 params, ppl = c.points["params_backbone"].to_numpy(float), c.points["ppl"].to_numpy(float)
-                ax.plot(params, ppl, marker, color=color, ms=5, alpha=0.8, ls="none")
+                ax.plot(params, ppl, marker, color=color, ms=3, alpha=0.45, ls="none")
+                means = c.sizes["params_backbone"].to_numpy(float), np.exp(c.sizes["log_ppl"].to_numpy(float))
+                ax.plot(*means, marker, color=color, ms=6, alpha=0.9, ls="none")
                 p = c.fit.parabola
                 if p is not None:
-                    x = np.log10(params)
+                    x = np.log10(means[0])
                     pad = 0.05 * (x.max() - x.min())
                     xs = np.linspace(x.min() - pad, x.max() + pad, 100)
                     ax.plot(10**xs, np.exp(p(xs)), color=color, lw=1.5, ls=":" if c.fit.flag else "-")
+                yerr = None
+                if np.isfinite(c.interval.lo):
+                    yerr = [[c.ppl_opt - np.exp(c.interval.lo)], [np.exp(c.interval.hi) - c.ppl_opt]]
+                ax.errorbar(c.params_opt, c.ppl_opt, yerr=yerr, fmt="*", ms=15, color=color,
+                            mfc="white" if c.fit.flag else color, mec=color if c.fit.flag else "black",
+                            mew=1.2, capsize=4, elinewidth=1.5, zorder=5)
                 if c.fit.flag:
-                    ax.plot(c.params_opt, c.ppl_opt, "*", ms=15, mfc="white", mec=color, mew=1.5, zorder=5)
                     notes.append((color, f"{method_label(c.method)}: {c.fit.flag.split('; best')[0]}"))
-                else:
-                    xerr = [[c.params_opt - 10**c.fit.x_lo], [10**c.fit.x_hi - c.params_opt]]
-                    ax.errorbar(c.params_opt, c.ppl_opt, xerr=None if math.isnan(c.fit.x_lo) else xerr,
-                                fmt="*", ms=15, color=color, mec="black", mew=0.6, capsize=4, elinewidth=1.5,
-                                zorder=5)
             bad = unfinished[unfinished["budget_flops"].astype(float) == budget]
             for method, rows in bad.groupby("method"):
                 ax.plot(rows["params_backbone"].astype(float), np.zeros(len(rows)), "x", color=method_color(method),
@@ -134,9 +137,9 @@ def isoflop_figure(curves: list[IsoflopCurve], unfinished: pd.DataFrame, path: P
                    for m in methods]
         handles += [
             Line2D([], [], color="gray", marker="*", ms=12, mec="black", ls="none",
-                   label="fitted optimum (bar: 95% bootstrap CI)"),
+                   label="optimum (bar: 95% CI over seeds)"),
             Line2D([], [], color="gray", marker="*", ms=12, mfc="white", ls=":",
-                   label="flagged fit: best observed point"),
+                   label="flagged fit: best trained size"),
             Line2D([], [], color="gray", marker="x", ls="none", label="failed / diverged trial"),
         ]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False,

@@ -1,14 +1,24 @@
-"""Scaling-law fits: Chinchilla approach 2 (Hoffmann et al. 2022, section 3.2) with robust fits.
+"""Scaling-law fits: Chinchilla Approach 2 (Hoffmann et al. 2022, section 3.2) that keeps the data.
 
-For each (method, budget) an isoFLOP parabola  log(ppl) = a u^2 + b u + c,  u = log10(params) - u_ref,
-is fitted with a Huber loss, so one bad trial cannot move the vertex: the Huber M-estimate, computed by
-iteratively reweighted least squares (the same minimum as scipy `least_squares(loss="huber")`, which a test
-checks, at a fraction of the cost - the bootstrap refits every curve 200 times).
-The vertex u* = -b / 2a is the compute-optimal size; a bootstrap over the points (resampled with
-replacement, seeded) gives its 95% interval. A vertex is not trusted - flagged, and the best observed point
-used instead - when there are fewer than 3 distinct sizes, when the fit is not convex (a <= 0), or when the
-minimum lies at the edge of the grid (vertex outside the sizes tried, or the best observed point is the
-smallest or largest size). The optimal size against compute is then fitted as a power law N_opt = k C^a.
+Each (method, budget) isoFLOP curve is summarised per size: the mean of log(perplexity) over the seeds
+trained at that size, and its standard error where there are several seeds. A parabola
+log(ppl) = a u^2 + b u + c, u = log10(params) - u_ref, is fitted to those means with a Huber loss whose
+scale is set by the noise (`huber_scale`), so that one bad size cannot move the vertex, while the curve's
+own minimum, which differs from its neighbours by much more than the noise, is never treated as an outlier.
+
+What is reported (choices the method leaves open):
+- The compute-optimal perplexity is always an observed one: the mean over seeds of the best trained size.
+  It is never worse than the best trained model and never below it, and every curve reports the same kind
+  of quantity. With four or five sizes per curve a value read off the parabola below the grid adds the fit's
+  error and none of the data's information; the parabola's minimum is kept beside it (`y_vertex`).
+- The compute-optimal size is the vertex when the fit is trusted, else the best trained size. A fit is not
+  trusted (flagged) when there are fewer than 3 sizes, when it is not convex, when the minimum is at the
+  edge of the grid, when the vertex lies outside the best size's neighbours, when the parabola passes more
+  than `MISS_SE` standard errors above or below the best trained model (it does not describe the minimum it
+  stands for: a collapsed arm pulls it below, a too-small robust scale treats the minimum as an outlier and
+  leaves it above), or when its residuals are large next to the seed noise (reduced chi-square above its
+  99th percentile).
+The optimal size against compute is then fitted as a power law N_opt = k C^a over the trusted optima.
 """
 
 from __future__ import annotations
@@ -16,14 +26,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-HUBER_SCALE = 0.02  # residual (in nats of log-perplexity, about 2% of perplexity) beyond which loss is linear
-NUM_BOOTSTRAPS = 200
-BOOTSTRAP_SEED = 0
+from scipy import stats
 
-FEWER_THAN_3 = "fewer than 3 points"
+HUBER_TUNING = 1.345  # Huber's constant: 95% efficiency under Gaussian noise, in units of the noise's sd
+MISS_SE = 3.0  # a parabola this many standard errors off the best trained model at its size is flagged
+RESIDUAL_QUANTILE = 0.99  # reduced chi-square of the fit's residuals above this quantile is flagged
+
+FEWER_THAN_3 = "fewer than 3 sizes"
 NON_CONVEX = "non-convex fit"
 AT_EDGE = "minimum at edge of grid"
-FALLBACK = "best observed point used"
+FAR_FROM_BEST = "vertex far from the best trained size"
+MISSES_BEST = "fit misses the best trained model"
+LARGE_RESIDUALS = "residuals large next to the seed noise"
+FALLBACK = "best trained size used"
 
 
 @dataclass(frozen=True)
@@ -48,12 +63,14 @@ class Parabola:
         return self.x_ref - self.b / (2 * self.a) if self.a != 0 else float("nan")
 
 
-def fit_parabola(x: np.ndarray, y: np.ndarray, huber_scale: float = HUBER_SCALE, max_iter: int = 100) -> Parabola:
+def fit_parabola(x: np.ndarray, y: np.ndarray, huber_scale: float, max_iter: int = 100) -> Parabola:
     """Huber-robust parabola through (x, y), which needs at least 3 distinct x: minimises
     sum_i huber(r_i), quadratic for |r_i| <= huber_scale and linear beyond, by reweighted least squares
-    with weights min(1, huber_scale / |r_i|), starting from the plain least-squares fit."""
+    with weights min(1, huber_scale / |r_i|), starting from the plain least-squares fit (the same minimum as
+    scipy `least_squares(loss="huber", f_scale=huber_scale)`, which a test checks)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     assert len(np.unique(x)) >= 3, "a parabola needs at least 3 distinct x"
+    assert huber_scale > 0
     x_ref = float(np.mean(x))
     design = np.vander(x - x_ref, 3)  # columns u^2, u, 1
     coef = np.linalg.lstsq(design, y, rcond=None)[0]
@@ -73,14 +90,14 @@ def fit_parabola(x: np.ndarray, y: np.ndarray, huber_scale: float = HUBER_SCALE,
 class VertexFit:
     """The compute-optimal point of one isoFLOP curve, in log10(params) and log(ppl)."""
 
-    num_points: int
-    parabola: Parabola | None  # None with fewer than 3 distinct sizes
-    x_opt: float  # log10 params of the optimum: the vertex, or the best observed point when flagged
-    y_opt: float  # log ppl at x_opt: the parabola's value, or the observed one when flagged
-    x_lo: float  # bootstrap 95% interval of the vertex (nan when there is no convex fit)
-    x_hi: float
-    num_bootstraps: int  # resamples that gave a convex fit (those the interval is taken from)
-    best_index: int  # index of the best observed point in the inputs
+    num_points: int  # distinct sizes
+    parabola: Parabola | None  # None with fewer than 3 sizes
+    x_opt: float  # log10 params of the optimum: the vertex, or the best trained size when flagged
+    y_opt: float  # mean log ppl of the best trained size (what the report compares)
+    y_vertex: float  # the parabola's minimum (nan without a convex fit)
+    best_index: int  # index of the best trained size in the inputs
+    huber_scale: float
+    chi2: float  # reduced chi-square of the residuals against the standard errors (nan: not measured)
     flag: str  # empty when the vertex is trusted; else why not, ending with FALLBACK
 
     @property
@@ -88,49 +105,42 @@ class VertexFit:
         return not self.flag
 
 
-def _bootstrap_vertices(x: np.ndarray, y: np.ndarray, num: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    vertices = []
-    for _ in range(num):
-        idx = rng.integers(0, len(x), len(x))
-        if len(np.unique(x[idx])) < 3:
-            continue
-        p = fit_parabola(x[idx], y[idx])
-        if p.convex:
-            vertices.append(p.vertex_x)
-    return np.array(vertices)
-
-
-def fit_isoflop(
-    x: np.ndarray, y: np.ndarray, num_bootstraps: int = NUM_BOOTSTRAPS, seed: int = BOOTSTRAP_SEED
-) -> VertexFit:
-    """Fit one isoFLOP curve: x = log10(params), y = log(ppl), one entry per completed trial."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    assert len(x) == len(y) and len(x) > 0
+def fit_isoflop(x: np.ndarray, y: np.ndarray, se: np.ndarray, noise_measured: bool = True) -> VertexFit:
+    """Fit one isoFLOP curve: per distinct size, x = log10(params), y = mean log(ppl) over its seeds and
+    se = the standard error of that mean. `noise_measured`: se comes from seed replicates (else it is an
+    estimate from the fits' residuals, and the residuals cannot be judged against it)."""
+    x, y, se = (np.asarray(v, dtype=float) for v in (x, y, se))
+    assert len(x) == len(y) == len(se) > 0 and len(np.unique(x)) == len(x), "one entry per distinct size"
+    assert np.all(se > 0)
+    order = np.argsort(x)
     best = int(np.argmin(y))
+    huber_scale = HUBER_TUNING * float(np.median(se))
     reasons: list[str] = []
-    parabola = None
-    x_lo = x_hi = float("nan")
-    kept = 0
-    if len(np.unique(x)) < 3:
+    parabola, y_vertex, chi2 = None, float("nan"), float("nan")
+    if len(x) < 3:
         reasons.append(FEWER_THAN_3)
     else:
-        parabola = fit_parabola(x, y)
+        parabola = fit_parabola(x, y, huber_scale)
+        rank = int(np.flatnonzero(order == best)[0])
+        neighbours = x[order[max(rank - 1, 0)]], x[order[min(rank + 1, len(x) - 1)]]
         if not parabola.convex:
             reasons.append(NON_CONVEX)
-        elif not (x.min() <= parabola.vertex_x <= x.max()) or x[best] in (x.min(), x.max()):
+        elif not (x.min() <= parabola.vertex_x <= x.max()) or rank in (0, len(x) - 1):
             reasons.append(AT_EDGE)
+        elif not (neighbours[0] <= parabola.vertex_x <= neighbours[1]):
+            reasons.append(FAR_FROM_BEST)
         if parabola.convex:
-            vertices = _bootstrap_vertices(x, y, num_bootstraps, seed)
-            kept = len(vertices)
-            if kept:
-                x_lo, x_hi = (float(v) for v in np.percentile(vertices, [2.5, 97.5]))
-    if reasons:
-        x_opt, y_opt, flag = float(x[best]), float(y[best]), "; ".join(reasons + [FALLBACK])
-    else:
-        x_opt, flag = parabola.vertex_x, ""
-        y_opt = float(parabola(x_opt))
-    return VertexFit(len(x), parabola, x_opt, y_opt, x_lo, x_hi, kept, best, flag)
+            y_vertex = float(parabola(parabola.vertex_x))
+        if abs(parabola(x[best]) - y[best]) > MISS_SE * se[best]:
+            reasons.append(MISSES_BEST)
+        dof = len(x) - 3
+        if noise_measured and dof > 0:
+            chi2 = float(np.sum(((parabola(x) - y) / se) ** 2) / dof)
+            if chi2 > stats.chi2.ppf(RESIDUAL_QUANTILE, dof) / dof:
+                reasons.append(LARGE_RESIDUALS)
+    x_opt = float(x[best]) if reasons else parabola.vertex_x
+    flag = "; ".join(reasons + [FALLBACK]) if reasons else ""
+    return VertexFit(len(x), parabola, x_opt, float(y[best]), y_vertex, best, huber_scale, chi2, flag)
 
 
 @dataclass(frozen=True)

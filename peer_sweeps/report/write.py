@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from peer_sweeps.report import figures, tables
-from peer_sweeps.report.fits import HUBER_SCALE, NUM_BOOTSTRAPS
+from peer_sweeps.report import figures, parametric, tables
+from peer_sweeps.report.fits import HUBER_TUNING, MISS_SE
+from peer_sweeps.report.parametric import HUBER_DELTA
+from peer_sweeps.report.seeds import LEVEL
 from peer_sweeps.report.figures import format_count, format_experts, format_flops
 from peer_sweeps.report.render import Document
 from peer_sweeps.report.results import Results, load_results
@@ -42,46 +44,40 @@ def _or_dash(fmt, v) -> str:
     return fmt(_num(v)) if np.isfinite(_num(v)) else "-"
 
 
-def answer(optimal: pd.DataFrame, equal_time: tuple[float, dict[str, float], dict[str, float]]) -> str:
-    """The plain answer to "does PEER beat dense / MoE / PKM at equal compute, and by how much?"."""
+def _change(r) -> str:
+    interval = (f" [{r['change_lo']:+.1f}, {r['change_hi']:+.1f}]" if np.isfinite(_num(r["change_lo"]))
+                else " [no interval]")
+    return f"{format_flops(r['budget_flops'])} {_pct(r['change_pct'])}{interval}"
+
+
+def answer(verdicts: pd.DataFrame, optimal: pd.DataFrame,
+           equal_time: tuple[float, dict[str, float], dict[str, float]]) -> str:
+    """The plain answer to "does PEER beat dense / MoE / PKM at equal compute, and by how much?", read
+    from `verdicts.csv` and nothing else: Yes when every comparison of PEER is `better`, No when none is,
+    Partly otherwise; each verdict with its change and 95% interval over seeds."""
     if optimal.empty:
         return "No isoFLOP trial has completed yet, so there is no compute-optimal model to compare."
     methods = sorted_methods(optimal["method"].unique())
     if "peer" not in methods:
         return (f"No PEER isoFLOP trial has completed yet (methods with results: "
                 f"{', '.join(map(method_label, methods))}), so PEER cannot be compared.")
-    sentences, wins, flagged = [], {}, 0
-    for budget in sorted(optimal["budget_flops"].unique()):
-        at = optimal[optimal["budget_flops"] == budget].set_index("method")
-        if "peer" not in at.index:
-            continue
-        peer = at.loc["peer", "ppl_opt"]
-        others = [m for m in methods if m != "peer" and m in at.index]
-        flagged += sum(bool(at.loc[m, "flag"]) for m in ["peer"] + others)
-        parts = [f"{method_label(m)} {_ppl(at.loc[m, 'ppl_opt'])} ({_pct(100 * (peer / at.loc[m, 'ppl_opt'] - 1))})"
-                 for m in others]
-        for m in others:
-            won, total = wins.get(m, (0, 0))
-            wins[m] = (won + int(peer < at.loc[m, "ppl_opt"]), total + 1)
-        versus = f" against {', '.join(parts)}" if parts else " (no other method has an optimum at this budget)"
-        sentences.append(f"at {format_flops(budget)} FLOPs PEER's compute-optimal perplexity is {_ppl(peer)}{versus}")
-    won = sum(w for w, _ in wins.values())
-    compared = sum(n for _, n in wins.values())
-    verdict = ("" if not compared else "Yes. " if won == compared else "No. " if won == 0 else "Partly. ")
-    text = verdict + "On the primary validation set, " + "; ".join(sentences) + " (change of PEER relative to each)."
-    if wins:
-        verdicts = [f"{method_label(m)} at {won} of {total} budget(s)" for m, (won, total) in wins.items()]
-        text += " PEER has lower perplexity than " + ", ".join(verdicts) + "."
-        deltas = []
-        for m in wins:
-            common = optimal[optimal["method"].isin(["peer", m])].pivot_table(
-                index="budget_flops", columns="method", values="ppl_opt").dropna()
-            if len(common):
-                deltas.append(f"{method_label(m)} {_pct(float((100 * (common['peer'] / common[m] - 1)).mean()))}")
-        text += " Mean change of PEER across shared budgets: " + ", ".join(deltas) + "."
-    if flagged:
-        text += (f" Caveat: {flagged} of the optima compared are flagged (see `optimal.csv`): they are the best"
-                 " observed trial, not a fitted vertex.")
+    of_peer = verdicts[verdicts["method"] == "peer"]
+    if of_peer.empty:
+        return "PEER has no other method to be compared with at any of its budgets."
+    better = int((of_peer["verdict"] == "better").sum())
+    lead = "Yes. " if better == len(of_peer) else "No. " if better == 0 else "Partly. "
+    parts = []
+    for baseline in sorted_methods(of_peer["baseline"].unique()):
+        rows = of_peer[of_peer["baseline"] == baseline].sort_values("budget_flops")
+        counts = rows["verdict"].value_counts()
+        said = ", ".join(f"{v} at {counts[v]}" for v in ("better", "indistinguishable", "worse") if v in counts)
+        parts.append(f"against {method_label(baseline)}: {said} of {len(rows)} budget(s) "
+                     f"({'; '.join(_change(r) for _, r in rows.iterrows())})")
+    text = (lead + "On the primary validation set, PEER's compute-optimal perplexity (change in %, 95% interval"
+            " over seeds) is " + "; ".join(parts) + ".")
+    if of_peer["change_lo"].isna().any():
+        text += (" Where there is no interval (one seed on a side) the comparison cannot tell the change from"
+                 " seed noise and is counted indistinguishable, whatever its sign.")
     seconds, best, fastest = equal_time
     others = [m for m in best if m != "peer"]
     if others and "peer" in fastest:
@@ -90,24 +86,43 @@ def answer(optimal: pd.DataFrame, equal_time: tuple[float, dict[str, float], dic
                  f" the best perplexity reached is {parts}")
         if "peer" in best:
             beaten = [method_label(m) for m in others if best["peer"] < best[m]]
-            text += f": PEER is ahead of {', '.join(beaten) if beaten else 'none of them'}."
+            text += f": PEER is ahead of {', '.join(beaten) if beaten else 'none of them'} (single trials, no interval)."
         else:
             text += (f", while PEER has no trial that short (its fastest took {_seconds(fastest['peer'])}):"
                      " at this wall-clock time it is behind all of them.")
     return text
 
 
-def _optimal_display(optimal: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
+def _interval(lo: float, hi: float) -> str:
+    return f"{lo:.2f} - {hi:.2f}" if np.isfinite(lo) else "no interval"
+
+
+def _optimal_display(optimal: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for (_, o), (_, f) in zip(optimal.iterrows(), fits.iterrows()):
-        ci = (f"{format_count(f['params_vertex_lo'])} - {format_count(f['params_vertex_hi'])}"
-              if np.isfinite(f["params_vertex_lo"]) else "-")
-        if o["flag"] and np.isfinite(f["params_vertex"]):
-            ci = f"not used (vertex {format_count(f['params_vertex'])})"
+    for _, o in optimal.iterrows():
         rows.append({"method": method_label(o["method"]), "budget (FLOPs)": format_flops(o["budget_flops"]),
-                     "params_opt": format_count(o["params_opt"]), "vertex 95% CI": ci, "ppl_opt": _ppl(o["ppl_opt"]),
-                     "points": o["n_points"], "flag": o["flag"] or ""})
+                     "params_opt": format_count(o["params_opt"]), "ppl_opt": _ppl(o["ppl_opt"]),
+                     "95% CI over seeds": _interval(o["ppl_opt_lo"], o["ppl_opt_hi"]), "seeds": o["n_seeds"],
+                     "parabola min": _ppl(o["ppl_vertex"]), "sizes": o["n_sizes"], "flag": o["flag"] or ""})
     return pd.DataFrame(rows)
+
+
+def _verdicts_display(verdicts: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "budget (FLOPs)": format_flops(r["budget_flops"]), "method": method_label(r["method"]),
+        "baseline": method_label(r["baseline"]), "change": _pct(r["change_pct"]),
+        "95% CI": (f"{r['change_lo']:+.1f}% to {r['change_hi']:+.1f}%" if np.isfinite(_num(r["change_lo"]))
+                   else "no interval"),
+        "verdict": r["verdict"], "interval": r["interval"]} for _, r in verdicts.iterrows()])
+
+
+def _noise_display(noise: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "method": method_label(r["method"]) if r["method"] != "pooled" else "all (pooled)",
+        "seed sd of perplexity": f"{r['sd_pct']:.2f}%" if np.isfinite(r["sd_pct"]) else "not measured",
+        "degrees of freedom": r["dof"], "cells with 2+ seeds": r["cells"],
+        "noise the fits use": (f"{100 * np.expm1(r['used_sd_log_ppl']):.2f}% ({r['used_from']})"
+                               if np.isfinite(r["used_sd_log_ppl"]) else "")} for _, r in noise.iterrows()])
 
 
 def _table1_display(optimal: pd.DataFrame, t1: pd.DataFrame, eval_sets: list[str]) -> pd.DataFrame:
@@ -173,9 +188,15 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
 
 def _build(results: Results, results_dir: Path, out: Path) -> Document:
     trials, eval_sets, primary = results.trials, results.eval_sets, results.primary
-    curves = tables.isoflop_curves(results)
+    noise = tables.noise_model(tables.completed_isoflop(results))
+    curves = tables.isoflop_curves(results, noise)
     optimal = tables.optimal_table(curves, eval_sets)
+    verdicts = tables.verdicts_table(curves)
+    noise_rows = tables.noise_table(noise)
     fits = tables.fits_table(curves)
+    parametric_by_method = tables.parametric_fits(results)
+    approach3 = tables.approach3_table(parametric_by_method, curves)
+    parametric_rows = tables.parametric_table(parametric_by_method)
     laws_table, laws = tables.power_laws(optimal)
     t1 = tables.table1(optimal, eval_sets)
     iso_time = tables.iso_time_table(curves)
@@ -183,7 +204,8 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
     t2 = tables.table2(points)
     failures = tables.failures_table(results)
     counts = tables.status_counts(results)
-    csvs = {"optimal.csv": optimal, "isoflop_fits.csv": fits, "power_laws.csv": laws_table, "table1.csv": t1,
+    csvs = {"optimal.csv": optimal, "verdicts.csv": verdicts, "seed_noise.csv": noise_rows,
+            "isoflop_fits.csv": fits, "approach3.csv": approach3, "parametric_fits.csv": parametric_rows, "power_laws.csv": laws_table, "table1.csv": t1,
             "iso_time.csv": iso_time, "ablations.csv": points, "table2.csv": t2, "failed_trials.csv": failures,
             "status_counts.csv": counts}
     for name, frame in csvs.items():
@@ -224,22 +246,69 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
         notes.append("No trials yet: nothing to fit or draw.")
     doc.bullets(notes)
     doc.paragraph("**Does PEER beat dense, MoE and PKM at equal compute?** "
-                  + answer(optimal, tables.equal_time_best(results)))
+                  + answer(verdicts, optimal, tables.equal_time_best(results)))
+    if len(verdicts):
+        doc.heading("Verdicts and seed noise")
+        doc.paragraph(
+            f"`verdicts.csv`: each method's compute-optimal perplexity relative to a baseline's at the same budget,"
+            f" with its {LEVEL:.0%} interval over seeds: a paired t-interval of the per-seed log-ratio over the"
+            " seeds both have (a seed fixes the initialisation and the order of the training batches, so the"
+            " two trials of one seed saw the same data), a Welch interval when fewer than 2 seeds are shared,"
+            " and none with one seed. Verdict: better when the whole interval is below zero, worse when above,"
+            " else indistinguishable (also without an interval).")
+        doc.table(_verdicts_display(verdicts))
+    doc.paragraph("Seed noise: the standard deviation of log-perplexity across the seeds of one (method, budget,"
+                  " size) cell, pooled over cells, shown as % of perplexity. Differences between methods smaller"
+                  " than about three times this cannot be resolved with a few seeds.")
+    doc.table(_noise_display(noise_rows))
 
     doc.heading("isoFLOP curves")
     if drawn["isoflop.png"]:
-        doc.figure(drawn["isoflop.png"], "Validation perplexity against backbone parameters per budget and method; "
-                   "lines: Huber parabolas, stars: compute-optimal models with 95% bootstrap intervals of the vertex.")
+        doc.figure(drawn["isoflop.png"], "Validation perplexity against backbone parameters per budget and method"
+                   " (small: one seed; large: mean over seeds); lines: Huber parabolas; stars: compute-optimal"
+                   " models (vertex size, best trained mean) with their 95% interval over seeds.")
         doc.paragraph(
-            f"Fit: for each (method, budget), log(perplexity) as a parabola in log10(backbone parameters), Huber loss"
-            f" (scale {HUBER_SCALE} nats) so that single bad trials barely move it; the vertex is the compute-optimal"
-            f" size, its interval the 2.5-97.5 percentiles over {NUM_BOOTSTRAPS} seeded bootstrap resamples of the"
-            " trials. Flagged fits (fewer than 3 points, non-convex, minimum at the edge of the grid) fall back to"
-            " the best observed trial. Perplexity of the other evaluation sets at the optimum: each set's own"
-            " parabola evaluated at the primary set's vertex (the fallback trial's values when flagged).")
-        doc.table(_optimal_display(optimal, fits))
+            "Fit (Chinchilla Approach 2): for each (method, budget), the mean log-perplexity over seeds of each"
+            " size, fitted as a parabola in log10(backbone parameters) with a Huber loss whose scale is"
+            f" {HUBER_TUNING} standard errors of a mean (from the seed noise above), so a bad size barely moves it"
+            " while the curve's own minimum is never an outlier. The vertex is the compute-optimal size. The"
+            " compute-optimal perplexity is always the best trained size's mean over seeds (with its 95%"
+            " t-interval), never a value read off the parabola: it is never worse than a trained model nor below"
+            " it, and every row is the same kind of quantity; the parabola's minimum is shown beside it. Flagged"
+            " fits (fewer than 3 sizes, non-convex, minimum at the edge of the grid, vertex outside the best"
+            f" size's neighbours, parabola more than {MISS_SE:g} standard errors off the best trained model,"
+            " residuals large next to the seed noise) use the best trained size as the optimal"
+            " size. Other evaluation sets: the same trials' perplexity (mean over seeds).")
+        doc.table(_optimal_display(optimal))
     else:
         doc.paragraph("No completed isoFLOP trial yet: no curves to fit.")
+
+    if len(parametric_rows):
+        doc.heading("Approach 3: a parametric fit of every trial")
+        doc.paragraph(
+            "Per method, L(N, D) = E + A / N^alpha + B / D^beta (N backbone parameters, D training tokens, L the"
+            " final validation loss in nats) fitted to every completed isoFLOP trial and seed with a Huber loss"
+            f" (delta {HUBER_DELTA:g}) on log L (Besiroglu et al. 2024): the best {parametric.NUM_STARTS} of the"
+            " Chinchilla paper's 4500 starting points descend together, L-BFGS polishes the best; its optimum on each budget's isoFLOP curve, with"
+            f" 2.5-97.5 percentiles over {int(parametric_rows['n_bootstraps'].max())} refits on resampled trials. A warning marks where it"
+            " disagrees with Approach 2 (the isoFLOP curves above). With a few sizes per budget its exponents"
+            " are poorly determined: read it as a check on Approach 2, not as a scaling law.")
+        doc.table(pd.DataFrame([{
+            "method": method_label(r["method"]), "E": _or_dash(lambda v: f"{v:.3f}", r["E"]),
+            "A": _or_dash(lambda v: f"{v:.3g}", r["A"]), "alpha": _or_dash(lambda v: f"{v:.2f}", r["alpha"]),
+            "B": _or_dash(lambda v: f"{v:.3g}", r["B"]), "beta": _or_dash(lambda v: f"{v:.2f}", r["beta"]),
+            "trials": _or_dash(lambda v: f"{v:.0f}", r["n_trials"]), "note": r["note"]}
+            for _, r in parametric_rows.iterrows()]))
+        if len(approach3):
+            doc.table(pd.DataFrame([{
+                "method": method_label(r["method"]), "budget (FLOPs)": format_flops(r["budget_flops"]),
+                "A2 params_opt": format_count(r["params_opt_a2"]), "A2 ppl_opt": _ppl(r["ppl_opt_a2"]),
+                "A3 params_opt (95% CI)": _or_dash(format_count, r["params_opt_a3"]) + (
+                    f" ({format_count(r['params_a3_lo'])} - {format_count(r['params_a3_hi'])})"
+                    if np.isfinite(_num(r["params_a3_lo"])) else ""),
+                "A3 ppl_opt (95% CI)": _ppl(_num(r["ppl_opt_a3"])) + (
+                    f" ({r['ppl_a3_lo']:.2f} - {r['ppl_a3_hi']:.2f})" if np.isfinite(_num(r["ppl_a3_lo"])) else ""),
+                "warning": r["warning"]} for _, r in approach3.iterrows()]))
 
     doc.heading("Compute-optimal frontier and iso-time")
     if drawn["frontier.png"]:

@@ -265,3 +265,40 @@ def gpu_time(cfg: ModelConfig, *, seq_len: int, batch_tokens: int, steps: int, m
     return GpuTime(world=world, matmuls=matmuls, gathers=gathers, table_gradients=table_gradients,
                    optimizer=optimizer, evaluation=evaluation,
                    checkpoints=checkpoints * checkpoint_size / STORAGE_BYTES_PER_SECOND)
+
+
+# ------------------------------------------------------------------------------------------- measured
+# Dense bf16 peaks by device name (NVIDIA data sheets, without sparsity); an unknown GPU counts as an H100.
+DEVICE_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                     "A10G": 70e12, "A10": 125e12}
+
+
+def device_peak_flops(device_name: str) -> float:
+    for name, flops in DEVICE_PEAK_FLOPS.items():
+        if name in device_name:
+            return flops
+    return GPU_PEAK_FLOPS
+
+
+class GpuMeter:
+    """On a GPU worker: each step's MFU (the model FLOPs this rank computed over the step's seconds, against
+    the device's dense bf16 peak) and peak allocated memory since the previous step; the trial's peak is
+    kept in `state` (checkpointed with it)."""
+
+    def __init__(self, device, flops_per_rank_step: float, state: dict):
+        import torch
+
+        self.torch, self.device, self.flops, self.state = torch, device, flops_per_rank_step, state
+        self.peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+        state.setdefault("gpu_memory_gb", 0.0)
+
+    def step(self, seconds: float) -> dict[str, float]:
+        cuda = self.torch.cuda
+        memory = cuda.max_memory_allocated(self.device) / GB
+        cuda.reset_peak_memory_stats(self.device)
+        self.state["gpu_memory_gb"] = max(self.state["gpu_memory_gb"], memory)
+        return {"mfu": self.flops / seconds / self.peak_flops, "gpu_memory_gb": memory}
+
+    def summary(self, steps: int, train_seconds: float) -> dict[str, float | None]:
+        mfu = steps * self.flops / train_seconds / self.peak_flops if train_seconds else None
+        return {"mfu": mfu, "gpu_memory_gb": self.state["gpu_memory_gb"]}

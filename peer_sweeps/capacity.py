@@ -186,13 +186,13 @@ def fit_micro_batch(memory_at, per_worker: int, requested: int, limit_bytes: flo
 # An H100 SXM (the AWS and KubeRay recipes' GPU). Dense matmuls run at an MFU; PEER's and PKM's gathers and
 # scatters, the dense table gradients and the optimizer's passes over its states are memory-bound and run at
 # HBM bandwidth (random rows of a few KB reach about half of its peak); the table gradients' reduction and
-# the weights' all-gather cross NVLink; checkpoints are written to shared storage at a gp3 volume's default
-# throughput (the AWS recipe's head volume), every rank waiting.
+# the weights' all-gather cross NVLink; checkpoints are written to shared storage at the throughput of the
+# AWS recipe's head volume, every rank waiting.
 GPU_PEAK_FLOPS = 989e12  # dense bf16
 GPU_MFU = 0.4
 HBM_BYTES_PER_SECOND = 0.5 * 3.35e12
 INTERCONNECT_BYTES_PER_SECOND = 200e9  # per GPU, NCCL reduce-scatter / all-gather within a node
-STORAGE_BYTES_PER_SECOND = 125e6  # gp3 default throughput
+STORAGE_BYTES_PER_SECOND = 500e6  # the AWS recipe's gp3 head volume (its default is 125 MB/s)
 TRIAL_STARTUP_SECONDS = 120.0  # Ray Train workers, DeepSpeed engine, data memmaps, W&B
 
 

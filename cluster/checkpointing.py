@@ -12,12 +12,18 @@ directory into the same checkpoint directory on storage (the names synced from r
 ZeRO shards, then deletes the temporary directory. `ray.train.report` is a barrier: every rank must call
 `save_checkpoint` / `report_metrics` equally often. Only rank 0's metrics are kept by Ray Train.
 
+Retention: Ray Train keeps the run's `keep` latest checkpoints (`CheckpointConfig(num_to_keep=keep)`, set by
+cluster.train_job), deleting the older one only after the newer is registered, so a worker killed while
+saving resumes from the previous one; `prune_checkpoints` removes, once a run has completed, what a killed
+attempt left half-written beside them.
+
 Ray Train's controller takes one report per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s,
 0.2 s when run through cluster.train_job): a report blocks until the previous one was taken, so report at
 intervals, not every step.
 """
 
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 
 ENGINE_TAG = "engine"
 SHARED_FILE = "shared.pt"
+CHECKPOINT_PREFIX = "checkpoint_step"
 
 
 def _rank() -> int:
@@ -67,7 +74,7 @@ def save_checkpoint(engine, step: int, state: dict[str, Any] | None, metrics: di
         torch.save(shared, Path(local_dir) / SHARED_FILE)
     # Rank 0's name wins (Ray syncs it); the time suffix keeps a re-save of the same step from merging into,
     # and later being deleted with, an older directory.
-    name = f"checkpoint_step{step:08d}_{time.strftime('%Y%m%d-%H%M%S')}_{time.time_ns() % 10**9:09d}"
+    name = f"{CHECKPOINT_PREFIX}{step:08d}_{time.strftime('%Y%m%d-%H%M%S')}_{time.time_ns() % 10**9:09d}"
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(local_dir),
@@ -107,6 +114,18 @@ def load_latest_checkpoint(engine) -> dict[str, Any] | None:
     return {"step": saved["step"], "state": saved["state"], "shared": shared}
 
 
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """On a completed run's directory: delete every checkpoint but the `keep` latest (by step, then by time of
+    saving: their names sort so); returns the deleted directories. Call it only once the run is over: a
+    running one may be writing the next checkpoint."""
+    assert keep >= 1, keep
+    checkpoints = sorted(p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    doomed = checkpoints[:-keep]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 def world_rank() -> int:
     return _rank()
 
@@ -126,6 +145,7 @@ __all__ = [
     "save_checkpoint",
     "report_metrics",
     "load_latest_checkpoint",
+    "prune_checkpoints",
     "world_rank",
     "world_size",
     "checkpoint_dir",

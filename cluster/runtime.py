@@ -24,6 +24,8 @@ class RaySession:
     num_nodes: int
     num_cpus: float
     num_gpus: float
+    max_cpus: float = 0.0  # what the cluster can grow to: its autoscaler's maximum (at least what is up now)
+    max_gpus: float = 0.0
 
 
 def resolve_storage_path(storage_path: str | os.PathLike) -> str:
@@ -71,6 +73,7 @@ def ray_session(
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         resources = ray.cluster_resources()
+        most = autoscaler_max_resources() or {}
         yield RaySession(
             address=address,
             owns_cluster=owns,
@@ -78,10 +81,24 @@ def ray_session(
             num_nodes=len(nodes),
             num_cpus=resources.get("CPU", 0.0),
             num_gpus=resources.get("GPU", 0.0),
+            max_cpus=max(resources.get("CPU", 0.0), most.get("CPU", 0.0)),
+            max_gpus=max(resources.get("GPU", 0.0), most.get("GPU", 0.0)),
         )
     finally:
         if owns:
             ray.shutdown()
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler may bring up (its node types' `max_workers` times
+    their resources, capped by the cluster's own maximum), as Ray Train reads it; None without an autoscaler.
+    An autoscaling cluster that starts with `min_workers: 0` has no GPU up at the start."""
+    from ray._private.state import state
+
+    try:
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # an older or newer Ray without it: only what is up counts
+        return None
 
 
 def current_node_id() -> str:

@@ -108,26 +108,42 @@ def plan(study: Path = typer.Argument(..., help="Study YAML file."),
     """Expand a study into its trials; run nothing."""
     from .plan import load_and_plan
 
-    _, trials = _guard(load_and_plan, study)
+    spec, trials = _guard(load_and_plan, study)
     if as_json:
         typer.echo(json.dumps([t.to_json() for t in trials], indent=1))
         return
+    _print_plan(spec, trials)
+
+
+def _print_plan(spec, trials) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .plan import storage_totals
+
     table = Table(title=f"{trials[0].study}: {len(trials)} trials", title_justify="left")
     for column in ("trial_id", "method", "cell", "budget", "params total", "params active", "tokens", "steps",
-                   "FLOPs", "est. CPU time", "est. GPU-h"):
+                   "FLOPs", "micro-batch", "GB/worker", "ckpt GB", "est. CPU time", "est. GPU-h"):
         table.add_column(column, justify="left" if column in ("trial_id", "method", "cell") else "right")
     for t in trials:
+        micro = t.training["micro_batch_size"] or t.batch_tokens // t.seq_len // t.resources["workers_per_trial"]
         table.add_row(t.trial_id, t.method, t.label, f"{t.budget_flops:.3g}" if t.budget_flops else "-",
                       _si(t.params_total), _si(t.params_active), _si(t.tokens), str(t.steps), f"{t.total_flops:.3g}",
+                      str(micro), f"{t.memory_gb_per_worker:.1f}", f"{t.checkpoint_gb:.3g}",
                       _minutes(t.estimated_cpu_seconds()), f"{t.estimated_gpu_hours():.3g}")
     cpu = sum(t.estimated_cpu_seconds() for t in trials)
     gpu = sum(t.estimated_gpu_hours() for t in trials)
-    Console(width=200).print(table)
+    Console(width=220).print(table)
+    per_method = ", ".join(f"{m} {sum(t.gpu_hours for t in trials if t.method == m):.3g}"
+                           for m in dict.fromkeys(t.method for t in trials))
     typer.echo(f"total: {sum(t.total_flops for t in trials):.3g} FLOPs; about {_minutes(cpu)} of one CPU worker, "
-               f"{gpu:.3g} GPU-hours on H100-class GPUs at 40% utilisation")
+               f"{gpu:.3g} GPU-hours on H100-class GPUs ({per_method}; cost model: README)")
+    concurrent = spec.resources.max_concurrent or 1
+    storage = storage_totals(trials, concurrent)
+    typer.echo(f"memory: up to {max(t.memory_gb_per_worker for t in trials):.1f} GB per worker "
+               f"(resources.gpu_memory_gb {spec.resources.gpu_memory_gb:g} on GPU workers); checkpoints: "
+               f"{storage['kept']:.4g} GB kept when done, {storage['peak']:.4g} GB at peak with {concurrent} "
+               f"trial(s) at a time, {storage['written']:.4g} GB written")
 
 
 def _si(n: float) -> str:

@@ -2,6 +2,11 @@
 
 isoFLOP cells: steps = round(budget / (train FLOPs per token x batch tokens)), so a trial's total FLOPs is
 within 1% of its budget in whole steps; a cell where that is impossible (too few steps) is rejected.
+
+Each trial also gets what it needs (peer_sweeps.capacity): memory per worker, the size of one checkpoint and
+GPU-hours. On GPU workers a cell whose micro-batch does not fit `resources.gpu_memory_gb` gets the largest
+micro-batch that does (more gradient accumulation, the same global batch: its trial id changes with it), or
+is rejected when not even one sequence fits.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from model import ModelConfig
 from model.flops import forward_flops_per_token, params_active, params_backbone, params_total, train_flops_per_token
 
+from . import capacity
 from .study import AblationDesign, IsoFlopDesign, ModelSize, Study, StudyError, load_study
 
 BUDGET_TOLERANCE = 0.01
@@ -23,12 +29,11 @@ BUDGET_TOLERANCE = 0.01
 # time, fitted to the 48 trials of the isoFLOP study (LOG.md, 2026-11-22; median error 8%): a fixed cost
 # per trial (Ray Train start, W&B, evaluation, scheduling), a per-step cost (optimizer, Python), the FLOPs
 # at the throughput these small models reach, and the product-key retrievals of PKM and PEER (per token,
-# head and top-k slot). GPU: 40% of an H100's dense bf16 peak.
+# head and top-k slot). GPU: the cost model of peer_sweeps.capacity.
 CPU_TRIAL_OVERHEAD_SECONDS = 20.0
 CPU_SECONDS_PER_STEP = 0.017
 CPU_FLOPS_PER_SECOND = 18e9
 CPU_SECONDS_PER_RETRIEVAL = 5.3e-7
-GPU_FLOPS_PER_SECOND = 0.4 * 989e12
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class Trial:
     params_total: int
     params_active: int
     params_backbone: int
+    memory_gb_per_worker: float  # estimated peak memory of one worker's device (capacity.worker_memory)
+    checkpoint_gb: float  # one checkpoint, all ranks together
+    gpu_hours: float  # GPU workers' hours, from capacity.gpu_time (the cost model), on GPU-class hardware
+    keep_checkpoints: int  # checkpoints kept when the trial completes (not part of the trial id)
     model: dict[str, Any]
     training: dict[str, Any] = field(repr=False)
     data: dict[str, Any] = field(repr=False)
@@ -73,7 +82,7 @@ class Trial:
                 + retrievals * CPU_SECONDS_PER_RETRIEVAL)
 
     def estimated_gpu_hours(self) -> float:
-        return self.total_flops / GPU_FLOPS_PER_SECOND / 3600
+        return self.gpu_hours
 
 
 def plan_study(study: Study) -> list[Trial]:
@@ -184,9 +193,12 @@ def _resolve(study: Study, method, size, overrides, budget, fixed_tokens, seed) 
     else:
         steps = -(-fixed_tokens // t.batch_tokens)
     tokens = steps * t.batch_tokens
-    training = t.model_dump(mode="json", exclude={"seeds"})
+    training = t.model_dump(mode="json", exclude={"seeds", "keep_checkpoints"})
     if method != "peer" or t.expert_tables == "zero":
         del training["expert_tables"]  # no change to what is trained: no change to the trial id
+    needs = _capacity(study, cfg, cell, steps)
+    if needs["micro_batch"] != (t.micro_batch_size or needs["per_worker"]):
+        training["micro_batch_size"] = needs["micro_batch"]
     resolved = {
         "study": study.name, "kind": study.design.kind, "method": method, "budget_flops": budget,
         "seq_len": t.seq_len, "batch_tokens": t.batch_tokens, "tokens": tokens, "steps": steps, "seed": seed,
@@ -202,9 +214,56 @@ def _resolve(study: Study, method, size, overrides, budget, fixed_tokens, seed) 
         params_total=params_total(cfg),
         params_active=params_active(cfg),
         params_backbone=params_backbone(cfg),
+        memory_gb_per_worker=round(needs["memory"] / capacity.GB, 2),
+        checkpoint_gb=round(needs["checkpoint"] / capacity.GB, 3),
+        gpu_hours=needs["gpu_hours"],
+        keep_checkpoints=t.keep_checkpoints,
         resources=study.resources.model_dump(mode="json"),
         **resolved,
     )
+
+
+def _capacity(study: Study, cfg: ModelConfig, cell: str, steps: int) -> dict[str, Any]:
+    """Memory per worker at the micro-batch the trial will use (refitted to `resources.gpu_memory_gb` on GPU
+    workers), one checkpoint's bytes and the GPU-hours of the cost model."""
+    t, r = study.training, study.resources
+    on_gpu = r.gpus_per_worker > 0
+    precision = capacity.precision_of(t.model_dump(), r.gpus_per_worker)
+    row_sparse = cfg.method == "peer" and t.expert_tables == "row_sparse"
+    per_worker = t.batch_tokens // t.seq_len // r.workers_per_trial
+    requested = t.micro_batch_size or per_worker
+
+    def memory_at(micro: int) -> float:
+        return capacity.worker_memory(cfg, t.seq_len, micro, r.workers_per_trial, t.zero_stage, precision,
+                                      on_gpu=on_gpu, row_sparse_tables=row_sparse).peak
+
+    micro = requested
+    if on_gpu:
+        micro = capacity.fit_micro_batch(memory_at, per_worker, requested, r.gpu_memory_gb * capacity.GB)
+        if micro is None:
+            raise StudyError(f"study {study.name!r}, cell [{cell}]: needs {memory_at(1) / capacity.GB:.1f} GB per "
+                             f"worker even at micro-batch 1, more than resources.gpu_memory_gb={r.gpu_memory_gb:g}; "
+                             f"raise resources.workers_per_trial or training.zero_stage, or use larger GPUs")
+    checkpoint = capacity.checkpoint_bytes(cfg, precision, t.zero_stage, row_sparse)
+    from .data.suites import SUITES
+
+    evaluation_tokens = t.evals * (1 + len(SUITES[study.data.suite].eval_sets)) * study.data.eval_tokens
+    time = capacity.gpu_time(cfg, seq_len=t.seq_len, batch_tokens=t.batch_tokens, steps=steps, micro_batch=micro,
+                             world=r.workers_per_trial, zero_stage=t.zero_stage, precision="bf16" if
+                             t.precision == "auto" else t.precision, evaluation_tokens=evaluation_tokens,
+                             checkpoints=t.checkpoints, checkpoint_size=checkpoint)
+    return {"per_worker": per_worker, "micro_batch": micro, "memory": memory_at(micro), "checkpoint": checkpoint,
+            "gpu_hours": time.gpu_hours}
+
+
+def storage_totals(trials: list[Trial], concurrent: int = 1) -> dict[str, float]:
+    """Checkpoint storage of a study, in GB: `kept` once every trial is done (each keeps its final
+    `keep_checkpoints`), `peak` (kept, plus one more checkpoint per running trial: a trial keeps only its
+    latest while training, and writes the next before it deletes it) and `written` over the study."""
+    kept = sum(t.keep_checkpoints * t.checkpoint_gb for t in trials)
+    largest = sorted((t.checkpoint_gb for t in trials), reverse=True)[:concurrent]
+    written = sum(t.training["checkpoints"] * t.checkpoint_gb for t in trials)
+    return {"kept": kept, "peak": kept + sum(largest), "written": written}
 
 
 def trial_hash(resolved: dict[str, Any]) -> str:

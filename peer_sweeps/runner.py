@@ -122,7 +122,6 @@ def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: li
     from cluster.train_job import TUNE_TRIAL_CPUS
 
     resources = study.resources
-    per_trial_cpus = resources.workers_per_trial * resources.cpus_per_worker
     num_cpus = options.num_cpus
     if options.address is None and not os.environ.get("RAY_ADDRESS") and num_cpus is None:
         # Tune's function trials each hold a sliver of a CPU while they wait on their Train job: add one
@@ -133,11 +132,11 @@ def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: li
             check_shared_storage(session, results.path, [data_root(study)])
         except SharedStorageError as e:
             raise StudyError(f"--out {results.path}: {e}") from None
-        fit = max(1, int(session.num_cpus // (per_trial_cpus + TUNE_TRIAL_CPUS)))
-        if resources.gpus_per_worker:
-            fit = min(fit, max(1, int(session.num_gpus // (resources.workers_per_trial * resources.gpus_per_worker))))
-        concurrent = min(x for x in (fit, options.max_concurrent, resources.max_concurrent, len(pending)) if x)
-        print(f"Ray: {session.num_nodes} node(s), {session.num_cpus:g} CPUs, {session.num_gpus:g} GPUs; "
+        most_cpus, most_gpus = max(session.num_cpus, session.max_cpus), max(session.num_gpus, session.max_gpus)
+        concurrent = trial_concurrency(resources, most_cpus, most_gpus, options.max_concurrent, len(pending))
+        grows = (f" (can grow to {most_cpus:g} CPUs, {most_gpus:g} GPUs)"
+                 if (most_cpus, most_gpus) != (session.num_cpus, session.num_gpus) else "")
+        print(f"Ray: {session.num_nodes} node(s), {session.num_cpus:g} CPUs, {session.num_gpus:g} GPUs{grows}; "
               f"{concurrent} trial(s) at a time", flush=True)
         progress = Progress(total=len(order), skipped=len(order) - len(pending))
         for tid, row in results.rows().items():
@@ -162,6 +161,18 @@ def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: li
             ),
         )
         tuner.fit()
+
+
+def trial_concurrency(resources, cpus: float, gpus: float, max_concurrent: int | None, pending: int) -> int:
+    """Trials at a time: as many as fit the CPUs and GPUs the cluster can grow to (an autoscaler adds nodes as
+    Tune's queued trials ask for them), bounded by `--max-concurrent`, `resources.max_concurrent` and the
+    trials left."""
+    from cluster.train_job import TUNE_TRIAL_CPUS
+
+    fit = max(1, int(cpus // (resources.workers_per_trial * resources.cpus_per_worker + TUNE_TRIAL_CPUS)))
+    if resources.gpus_per_worker:
+        fit = min(fit, max(1, int(gpus // (resources.workers_per_trial * resources.gpus_per_worker))))
+    return min(x for x in (fit, max_concurrent, resources.max_concurrent, pending) if x)
 
 
 def _tune_trial(config: dict[str, Any], results_dir: str, wandb_mode: str, wandb_project: str, data_root: str,

@@ -45,6 +45,8 @@ _TRIAL_TAIL_FIELDS: list[tuple[str, pa.DataType]] = [
     ("unevenness", pa.float64()),
     ("train_seconds", pa.float64()),
     ("tokens_per_second", pa.float64()),
+    ("mfu", pa.float64()),  # model FLOPs utilisation over the trial's training steps (GPU workers; null on CPU)
+    ("gpu_memory_gb", pa.float64()),  # peak allocated GPU memory of rank 0 (GPU workers; null on CPU)
     ("ray_nodes", pa.list_(pa.string())),
     ("attempts", pa.int64()),
     ("error", pa.string()),

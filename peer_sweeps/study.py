@@ -63,12 +63,22 @@ class TrainingSpec(_Spec):
     seeds: tuple[int, ...] = (0,)
     evals: int = Field(4, ge=1)  # evaluations per trial, evenly spaced, the last at the end
     checkpoints: int = Field(2, ge=1)  # checkpoints per trial, evenly spaced, the last at the end
+    # the latest checkpoints kept on storage (while training, and once the trial completes: the final one by
+    # default, which `peer-sweeps eval` re-evaluates from); older ones are deleted. Not part of the trial id.
+    keep_checkpoints: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)  # worker failures a trial survives (Ray Train FailureConfig)
     divergence_factor: float = Field(3.0, gt=1)  # loss above factor x its first value: diverged
     # Where PEER's expert tables are optimised (BENCHMARKS.md): "zero", as every other parameter, by the
     # DeepSpeed engine's AdamW on dense gradients; "row_sparse", outside the engine by lazy row-wise AdamW on
     # sparse gradients (model.sparse_adam) - a step that does not grow with the number of experts on CPU.
     expert_tables: Literal["zero", "row_sparse"] = "zero"
+
+    @model_validator(mode="after")
+    def _kept_checkpoints(self):
+        if self.keep_checkpoints > self.checkpoints:
+            raise ValueError(f"keep_checkpoints: {self.keep_checkpoints} is more than the trial's "
+                             f"checkpoints ({self.checkpoints})")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -171,6 +181,7 @@ class Resources(_Spec):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent: int | None = Field(None, ge=1)
+    gpu_memory_gb: float = Field(80.0, gt=0)  # device memory a GPU worker may use; plan fits micro-batches to it
 
 
 class Tracking(_Spec):

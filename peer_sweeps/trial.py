@@ -41,6 +41,7 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
 
     `data_root`: where the study's data suite was prepared, as the driver sees it (Ray runs trials and
     workers in other working directories); default the study's data.root or the default root."""
+    from cluster.checkpointing import prune_checkpoints
     from cluster.train_job import TrainJobError, run_train_job
 
     from .data import default_root
@@ -70,8 +71,11 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
             use_gpu=use_gpu,
             cpus_per_worker=resources["cpus_per_worker"],
             max_failures=trial.training["max_failures"],
+            num_checkpoints_to_keep=trial.keep_checkpoints,
         )
         summary = job.return_value
+        if summary["status"] == "completed":
+            prune_checkpoints(directory, trial.keep_checkpoints)
     except TrainJobError as e:
         summary = {"status": "failed", "error": _last_line(str(e), e.worker_errors)}
     except Exception as e:  # the job could not even start: still a recorded failure, the study goes on
@@ -104,7 +108,8 @@ def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1) -> dict[s
         "attempts": attempt, "error": summary.get("error"),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    for key in ("loss", "ppl", "usage", "unevenness", "train_seconds", "tokens_per_second", "ray_nodes"):
+    for key in ("loss", "ppl", "usage", "unevenness", "train_seconds", "tokens_per_second", "mfu", "gpu_memory_gb",
+                "ray_nodes"):
         row[key] = summary.get(key)
     for key, value in summary.items():
         if key.startswith(("ppl_", "bpb_")):
@@ -195,6 +200,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from model import build_model, summarize_routing
     from model.sparse_adam import ExpertTableOptimizer
 
+    from .capacity import GpuMeter
     from .data import TrainBatches, evaluate_lm, load_suite
     from .tracking import MetricsLog, WandbMirror
 
@@ -258,6 +264,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         return results
 
     fault = Fault(config.get("fault", ""), trial.trial_id, directory)
+    gpu = GpuMeter(device, flops_per_step / world, state) if on_gpu else None
     step = start_step
     try:
         while step < total_steps:
@@ -277,14 +284,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if world > 1:
                 dist.all_reduce(step_loss)
                 step_loss /= world
-            state["train_seconds"] += time.perf_counter() - tick
+            step_seconds = time.perf_counter() - tick
+            state["train_seconds"] += step_seconds
             step += 1
             train_loss = float(step_loss)
             if state["first_loss"] is None:
                 state["first_loss"] = train_loss
             record = {"step": step, "tokens": step * trial.batch_tokens, "flops": step * flops_per_step,
                       "seconds": state["train_seconds"], "train_loss": train_loss,
-                      "lr": training["lr"] * schedule(step - 1)}
+                      "lr": training["lr"] * schedule(step - 1), **(gpu.step(step_seconds) if gpu else {})}
             if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
                 raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
             if step in eval_steps:
@@ -319,6 +327,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_second": step * trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
         "ray_nodes": sorted(set(nodes)),
     }
+    if gpu is not None:
+        summary.update(gpu.summary(step, state["train_seconds"]))
     if status == "completed":
         summary.update(last_eval)
     return summary

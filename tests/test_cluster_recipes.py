@@ -184,3 +184,22 @@ def test_rayjob_runs_the_paper_study_into_shared_storage_on_the_tested_ray(kuber
     for source in re.findall(r"^COPY --chown=\S+ (.+) \S+$", dockerfile, re.M):
         for path in source.split():
             assert (REPO / path).exists(), path
+
+
+def test_recipes_install_what_the_paper_studies_need_and_deepspeed_is_pinned_to_the_tested_version():
+    """The c4 suite of the paper's studies needs `datasets` on every node; cluster/ relies on DeepSpeed
+    internals, so pyproject pins the version installed (and tested) here. The head volume holds the paper
+    study's checkpoints (`peer-sweeps plan`: 1,110 GB at peak with 4 trials at a time) and its data."""
+    from importlib.metadata import version
+
+    from peer_sweeps.plan import plan_study, storage_totals
+    from peer_sweeps.study import load_study
+
+    config = yaml.safe_load(LAUNCHER.read_text())
+    assert any(re.search(r"pip install .*\bdatasets\b", command) for command in config["setup_commands"])
+    assert "pip install --no-cache-dir datasets" in (KUBERAY / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'"deepspeed==([\d.]+)"', pyproject).group(1) == version("deepspeed")
+    (head_disk,) = config["available_node_types"]["ray.head.cpu"]["node_config"]["BlockDeviceMappings"]
+    peak = storage_totals(plan_study(load_study(PAPER_STUDY)), concurrent=4)["peak"]
+    assert head_disk["Ebs"]["VolumeSize"] > peak * 1.2

@@ -27,11 +27,11 @@ ROOT = Path(__file__).parents[1]
 STUDIES = sorted((ROOT / "studies").rglob("*.yaml"))
 PLAN_FIELDS = {"trial_id", "study", "kind", "method", "budget_flops", "seq_len", "tokens", "steps",
                "forward_flops_per_token", "train_flops_per_token", "total_flops", "params_total",
-               "params_active", "model"}
+               "params_active", "model", "memory_gb_per_worker", "checkpoint_gb"}
 TRIAL_COLUMNS = {"trial_id", "study", "kind", "method", "status", "budget_flops", "total_flops", "tokens",
                  "params_total", "params_active", "d_model", "n_layers", "num_experts", "expert_heads", "top_k",
                  "query_bn", "seed", "ppl", "usage", "unevenness", "train_seconds", "tokens_per_second",
-                 "ray_nodes", "error"}
+                 "ray_nodes", "error", "mfu", "gpu_memory_gb"}
 CURVE_COLUMNS = {"trial_id", "step", "tokens", "flops", "train_loss"}
 
 

@@ -105,6 +105,11 @@ def test_worker_killed_mid_trial_resumes_from_checkpoint(killed_and_clean):
     # The loss curve continues from the checkpoint and matches the uninterrupted run step for step.
     assert losses(killed_dir, trial) == pytest.approx(losses(clean_dir, trial), rel=1e-5)
     assert killed["ppl"] == pytest.approx(clean["ppl"], rel=1e-5)
+    # Of the four checkpoints only the final one is kept (training.keep_checkpoints, default 1), killed run or
+    # not: the one `peer-sweeps eval` re-evaluates from.
+    for directory in (clean_dir, killed_dir):
+        kept = [p.name for p in trial_dir(directory, trial.trial_id).glob("checkpoint_step*") if p.is_dir()]
+        assert len(kept) == 1 and kept[0].startswith(f"checkpoint_step{trial.steps:08d}_"), kept
 
 
 ROW_SPARSE_PEER = dict(method="peer", method_params={"query_bn": False}, checkpoints=4, evals=2,

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model import ModelConfig, MoEConfig, PEERConfig, PKMConfig
-from model.flops import params_total
+from model.flops import forward_flops_breakdown, params_total
 
 GB = 1e9
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # cluster/configs/zero{2,3}.json reduce_bucket_size
@@ -241,7 +241,7 @@ def gpu_time(cfg: ModelConfig, *, seq_len: int, batch_tokens: int, steps: int, m
     """The cost model behind `plan`'s GPU-hours (see the constants above). `evaluation_tokens`: tokens
     evaluated over the trial (evaluations x sets x tokens per set)."""
     w = 2 if precision == "bf16" else 4
-    breakdown = cfg.flops_breakdown(seq_len)
+    breakdown = forward_flops_breakdown(cfg, seq_len)
     gathered = breakdown.get("experts", 0.0) if isinstance(cfg.sparse, (PEERConfig, PKMConfig)) else 0.0
     dense_forward = sum(breakdown.values()) - gathered
     rate = GPU_MFU * GPU_PEAK_FLOPS

@@ -123,9 +123,9 @@ def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: 
         console.say(f"Ray: {session.num_nodes} node(s), {session.num_cpus:g} CPUs, {session.num_gpus:g} GPUs; "
                     f"{concurrent} trial(s) at a time")
         rows = results.rows()
-        progress = StudyProgress(results.path, trials, {
-            t.trial_id: rows[t.trial_id]["status"] if t.trial_id in rows else "pending" for t in trials})
         labels = {t.trial_id: t.label for t in pending}
+        progress = StudyProgress(results.path, trials, {  # a failed trial is pending again: it is retried
+            t.trial_id: "pending" if t.trial_id in labels else rows[t.trial_id]["status"] for t in trials})
         trainable = tune.with_parameters(
             _tune_trial, results_dir=str(results.path.resolve()), wandb_mode=options.wandb_mode,
             wandb_project=study.tracking.wandb_project, data_root=data_root(study),

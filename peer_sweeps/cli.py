@@ -242,16 +242,21 @@ def report(directory: Path = typer.Argument(..., help="Results directory of a st
         if not directory.is_dir():
             raise ResultsDirError(f"{directory}: {'not a directory' if directory.exists() else 'no such'} "
                                   f"results directory")
-        written = write_report(directory, out)
-        run_dir = None
-        if wandb is not None:
-            from .report.wandb_run import log_report_run
+        return write_report(directory, out)
 
-            run_dir = log_report_run(directory, written, wandb)
-        return written, run_dir
-
-    written, run_dir = _guard(body)
+    written = _guard(body)
     typer.echo(f"report written to {written}/report.html")
+    if wandb is None:
+        return
+    from .report.wandb_run import log_report_run
+
+    try:
+        run_dir = _guard(log_report_run, directory, written, wandb)
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - W&B unreachable: the report is written, say so in one line
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(f"W&B ({wandb}) report run failed, the report itself is written: {type(e).__name__}: {cause}", code=1)
     if run_dir is not None:
         typer.echo(f"W&B report run ({wandb}): {run_dir}")
 

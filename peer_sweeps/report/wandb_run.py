@@ -45,7 +45,8 @@ def log_report_run(results_dir: str | Path, report_dir: str | Path, mode: str) -
         project=study.tracking.wandb_project, group=study.name, job_type="report", name=f"report: {study.name}",
         id=f"report-{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", dir=str(results_dir), mode=mode,
         config={"study": study.name, "results_dir": str(results_dir.resolve())},
-        settings=wandb.Settings(console="off", x_disable_stats=True),
+        settings=wandb.Settings(init_timeout=float(os.environ.get("PEER_SWEEPS_WANDB_INIT_TIMEOUT", 60)),
+                                console="off", x_disable_stats=True),
     )
     try:
         logged: dict = {}

@@ -21,7 +21,6 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 run: $(INSTALLED)
-	$(VENV)/bin/peer-sweeps data prepare --study $(STUDY)
 	$(VENV)/bin/peer-sweeps run $(STUDY) --out runs/$$(basename $(STUDY) .yaml)
 	$(VENV)/bin/peer-sweeps report runs/$$(basename $(STUDY) .yaml)
 

@@ -105,12 +105,14 @@ class LeanTorchTrainer(DataParallelTrainer):
         return [cb for cb in callbacks if not isinstance(cb, drop)]
 
 
-def _worker_entry(train_loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
+def _worker_entry(train_loop: Callable[[dict], Any], log_path: str | None) -> Callable[[dict], Any]:
     def entry(config: dict) -> Any:
         from cluster.deepspeed_config import set_accelerator_env
+        from cluster.logs import redirect_output
 
-        set_accelerator_env()
-        return train_loop(config)
+        with redirect_output(log_path):
+            set_accelerator_env()
+            return train_loop(config)
 
     return entry
 
@@ -129,6 +131,7 @@ def run_train_job(
     placement_strategy: str = "PACK",
     timeout_s: int = 1800,
     lean: bool = True,
+    log_path: str | None = None,
 ) -> JobResult:
     """Run `train_loop(loop_config)` on `num_workers` Ray Train workers and wait for it.
 
@@ -137,7 +140,8 @@ def run_train_job(
     dies or raises restarts the whole group (from the latest checkpoint) up to `max_failures` times; after
     that `TrainJobError` is raised with each failed rank's error. `timeout_s` bounds every collective.
     `lean`: skip Ray Train's optional side actors (LeanTorchTrainer, LEAN_ENV; environment variables the
-    caller set win). The job itself computes the same either way.
+    caller set win). The job itself computes the same either way. `log_path`: every worker appends its
+    stdout and stderr (DeepSpeed's, Ray Train's, the loop's own) to this file instead of Ray's logs.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -151,7 +155,7 @@ def run_train_job(
 
         trainer_cls = functools.partial(TorchTrainer, torch_config=TorchConfig(backend=backend, timeout_s=timeout_s))
     trainer = trainer_cls(
-        _worker_entry(train_loop),
+        _worker_entry(train_loop, log_path),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,

@@ -104,15 +104,25 @@ def data_prepare(
 
 @app.command()
 def plan(study: Path = typer.Argument(..., help="Study YAML file."),
-         as_json: bool = typer.Option(False, "--json", help="Print a JSON array, one object per trial.")):
+         as_json: bool = typer.Option(False, "--json", help="Print a JSON array, one object per trial."),
+         check_data: bool = typer.Option(False, "--check-data", help="Also check that the study's data suite is "
+                                         "prepared; prepare a shipped suite that is missing."),
+         no_prepare: bool = typer.Option(False, "--no-prepare", help="With --check-data: stop instead of preparing.")):
     """Expand a study into its trials; run nothing."""
     from .plan import load_and_plan
 
-    spec, trials = _guard(load_and_plan, study)
+    loaded, trials = _guard(load_and_plan, study)
+    if check_data:
+        from rich.console import Console
+
+        from .data import ensure_study_data
+
+        _guard(ensure_study_data, loaded.data, study, not no_prepare,
+               Console(stderr=True, highlight=False, soft_wrap=True).print)
     if as_json:
         typer.echo(json.dumps([t.to_json() for t in trials], indent=1))
         return
-    _print_plan(spec, trials)
+    _print_plan(loaded, trials)
 
 
 def _print_plan(spec, trials) -> None:
@@ -180,12 +190,16 @@ def run(
     address: Optional[str] = typer.Option(None, help="Join an existing Ray cluster: auto or ray://host:port."),
     max_concurrent: Optional[int] = typer.Option(None, min=1, help="At most this many trials at once."),
     wandb: Optional[str] = typer.Option(None, help="W&B mode: online, offline or disabled."),
+    no_prepare: bool = typer.Option(False, "--no-prepare", help="Stop, instead of preparing a missing data suite."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's, Tune's and DeepSpeed's output instead of "
+                                 "sending it to DIR/logs/."),
 ):
     """Run every trial of a study not yet done; re-running resumes."""
     from .runner import RunOptions, run_study
 
     mode = _wandb_mode(wandb, study)
-    code = _guard(run_study, study, RunOptions(out=out, address=address, max_concurrent=max_concurrent, wandb_mode=mode))
+    code = _guard(run_study, study, RunOptions(out=out, address=address, max_concurrent=max_concurrent, wandb_mode=mode,
+                                               prepare_data=not no_prepare, verbose=verbose))
     raise typer.Exit(code)
 
 
@@ -195,37 +209,50 @@ def trial(
     trial_id: str = typer.Argument(..., help="Trial id (or a unique prefix) from `peer-sweeps plan`."),
     out: Optional[Path] = typer.Option(None, help="Results directory (default runs/<study name>)."),
     wandb: Optional[str] = typer.Option(None, help="W&B mode: online, offline or disabled."),
+    no_prepare: bool = typer.Option(False, "--no-prepare", help="Stop, instead of preparing a missing data suite."),
 ):
     """Run one trial of a study outside a sweep (debugging)."""
     from .runner import run_single_trial
 
     mode = _wandb_mode(wandb, study)
-    raise typer.Exit(_guard(run_single_trial, study, trial_id, out, mode))
+    raise typer.Exit(_guard(run_single_trial, study, trial_id, out, mode, not no_prepare))
 
 
 @app.command()
 def status(directory: Path = typer.Argument(..., help="Results directory of a study."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """Trials completed / running / failed / diverged / pending."""
+    """Trials completed / running / failed / diverged / pending; how far the running ones are; the ETA."""
+    from .console import duration
     from .status import study_status
 
     info = _guard(study_status, directory)
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
+    eta = f"; ETA {duration(info['eta_seconds'])}" if info["run_in_progress"] else ""
     typer.echo(f"{info['study']}: {info['total']} trials - completed {info['completed']}, running {info['running']}, "
                f"failed {info['failed']}, diverged {info['diverged']}, pending {info['pending']}"
-               f"{' (a run is in progress)' if info['run_in_progress'] else ''}")
+               f"{' (a run is in progress)' if info['run_in_progress'] else ''}{eta}")
+    for p in info["running_trials"]:
+        loss = f", loss {p['loss']:.3f}" if p["loss"] is not None else ""
+        speed = f", {p['tokens_per_second']:,.0f} tokens/s" if p["tokens_per_second"] else ""
+        typer.echo(f"  running {p['trial_id']} {p['label']}: step {p['step']}/{p['steps']}{loss}{speed}, "
+                   f"ETA {duration(p['eta_seconds'])}")
     for tid, error in info["failed_trials"].items():
         typer.echo(f"  failed {tid}: {error}")
 
 
 @app.command()
 def report(directory: Path = typer.Argument(..., help="Results directory of a study."),
-           out: Optional[Path] = typer.Option(None, help="Report directory (default DIR/report).")):
+           out: Optional[Path] = typer.Option(None, help="Report directory (default DIR/report)."),
+           wandb: Optional[str] = typer.Option(None, help="Also log the report as one W&B run: online, offline "
+                                               "or disabled.")):
     """Draw isoFLOP curves, frontiers and ablation tables from the Parquet results."""
     from .report import write_report
     from .results import ResultsDirError
+
+    if wandb is not None and wandb not in WANDB_MODES:
+        _fail(f"--wandb: {wandb!r} is not one of {', '.join(WANDB_MODES)}")
 
     def body():
         if not directory.is_dir():
@@ -235,6 +262,19 @@ def report(directory: Path = typer.Argument(..., help="Results directory of a st
 
     written = _guard(body)
     typer.echo(f"report written to {written}/report.html")
+    if wandb is None:
+        return
+    from .report.wandb_run import log_report_run
+
+    try:
+        run_dir = _guard(log_report_run, directory, written, wandb)
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - W&B unreachable: the report is written, say so in one line
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(f"W&B ({wandb}) report run failed, the report itself is written: {type(e).__name__}: {cause}", code=1)
+    if run_dir is not None:
+        typer.echo(f"W&B report run ({wandb}): {run_dir}")
 
 
 def main() -> None:

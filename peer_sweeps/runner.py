@@ -9,19 +9,18 @@ trials.parquet / curves.parquet; one run per results directory at a time (a lock
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from ray.tune import Callback
 
+from .console import RunConsole, StudyProgress
 from .plan import Trial, load_and_plan
-from .results import DONE_STATUSES, ResultsDir
+from .results import ResultsDir
 from .study import Study, StudyError
 from .trial import run_trial, trial_row
 
@@ -33,34 +32,8 @@ class RunOptions:
     max_concurrent: int | None = None
     wandb_mode: str = "offline"
     num_cpus: int | None = None  # embedded Ray only
-
-
-@dataclass
-class Progress:
-    """The live view: one line per finished trial, with counts and an ETA."""
-
-    total: int
-    skipped: int
-    started_at: float = field(default_factory=time.time)
-    finished: dict[str, str] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)
-
-    def line(self, row: dict[str, Any], label: str) -> str:
-        counts = {s: list(self.finished.values()).count(s) for s in ("completed", "failed", "diverged")}
-        done = len(self.finished)
-        pending = self.total - done - len(self.running)
-        elapsed = time.time() - self.started_at
-        eta = elapsed / done * (self.total - done) if done else math.nan
-        result = f"ppl {row['ppl']:.2f}" if row.get("ppl") is not None else (row.get("error") or "")[:80]
-        return (f"[{done}/{self.total}] {row['status']:<9} {label:<44} {result}  | done {counts['completed']}, "
-                f"running {len(self.running)}, failed {counts['failed']}, diverged {counts['diverged']}, "
-                f"pending {pending}, ETA {_duration(eta)}")
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    prepare_data: bool = True  # prepare a missing shipped data suite (False: stop, naming the command)
+    verbose: bool = False  # let Ray, Tune and DeepSpeed print to the console instead of DIR/logs/
 
 
 def default_out(study: Study) -> Path:
@@ -71,25 +44,33 @@ def run_study(study_path: str | Path, options: RunOptions) -> int:
     """Runs every trial of the study not yet done; returns the exit code (0, or 1 if a trial failed)."""
     study, trials = load_and_plan(study_path)
     results = ResultsDir(options.out or default_out(study))
-    _check_data(study, study_path)
-    results.create()
-    with results.lock():
-        results.remove_partial_files()
-        _write_study(results.path / "study.yaml", study)
-        done = results.done_ids()
-        pending = [t for t in trials if t.trial_id not in done]
-        order = [t.trial_id for t in trials]
-        print(f"study {study.name}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
-              f"{len(pending)} to run -> {results.path}", flush=True)
-        if pending:
-            _run_tune(study, pending, results, order, options)
-        results.consolidate(order)
-    rows = results.rows()
-    failed = [t for t in trials if rows.get(t.trial_id, {}).get("status") == "failed"]
-    missing = [t for t in trials if t.trial_id not in rows]
-    print(f"study {study.name}: {sum(rows.get(t.trial_id, {}).get('status') == 'completed' for t in trials)} completed, "
-          f"{len(failed)} failed, {sum(rows.get(t.trial_id, {}).get('status') == 'diverged' for t in trials)} diverged"
-          f"{f', {len(missing)} not run' if missing else ''}; results in {results.path}", flush=True)
+    console = RunConsole(results.path, options.verbose)
+    try:
+        _check_data(study, study_path, options.prepare_data, console.say)
+        results.create()
+        with results.lock():
+            results.remove_partial_files()
+            _write_study(results.path / "study.yaml", study)
+            done = results.done_ids()
+            pending = [t for t in trials if t.trial_id not in done]
+            order = [t.trial_id for t in trials]
+            console.say(f"study {study.name}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
+                        f"{len(pending)} to run -> {results.path}", style="bold")
+            if pending:
+                if not options.verbose:
+                    console.say(f"logs: {results.path / 'logs'}/ (--verbose shows them here)", style="dim")
+                with console.quiet():
+                    _run_tune(study, trials, pending, results, order, options, console)
+            results.consolidate(order)
+        rows = results.rows()
+        failed = [t for t in trials if rows.get(t.trial_id, {}).get("status") == "failed"]
+        missing = [t for t in trials if t.trial_id not in rows]
+        console.say(f"study {study.name}: {sum(rows.get(t.trial_id, {}).get('status') == 'completed' for t in trials)} "
+                    f"completed, {len(failed)} failed, "
+                    f"{sum(rows.get(t.trial_id, {}).get('status') == 'diverged' for t in trials)} diverged"
+                    f"{f', {len(missing)} not run' if missing else ''}; results in {results.path}", style="bold")
+    finally:
+        console.close()
     return 1 if failed or missing else 0
 
 
@@ -99,14 +80,15 @@ def data_root(study: Study) -> str:
     return str(Path(study.data.root or default_root()).resolve())
 
 
-def _check_data(study: Study, study_path: str | Path) -> None:
-    """Fail before starting Ray, and before writing anything, when the study's data is not prepared."""
-    from .data import DataError, load_suite
+def _check_data(study: Study, study_path: str | Path, prepare: bool, say: Callable[..., None]) -> None:
+    """Before starting Ray, and before writing anything: the study's data suite is prepared, or is prepared
+    now when it can be (see peer_sweeps.data.ensure)."""
+    from .data import DataError, ensure_study_data
 
     try:
-        load_suite(study.data.suite, study.data.root, study.data.vocab_size)
+        ensure_study_data(study.data, study_path, prepare, say)
     except DataError as e:
-        raise StudyError(f"{study_path}: data.suite: {e}") from None
+        raise StudyError(str(e)) from None
 
 
 def _write_study(path: Path, study: Study) -> None:
@@ -115,7 +97,8 @@ def _write_study(path: Path, study: Study) -> None:
     write_atomic(path, yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False).encode())
 
 
-def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: list[str], options: RunOptions) -> None:
+def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: ResultsDir, order: list[str],
+              options: RunOptions, console: RunConsole) -> None:
     from ray import tune
 
     from cluster.runtime import SharedStorageError, check_shared_storage, ray_session
@@ -136,17 +119,17 @@ def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: li
         concurrent = trial_concurrency(resources, most_cpus, most_gpus, options.max_concurrent, len(pending))
         grows = (f" (can grow to {most_cpus:g} CPUs, {most_gpus:g} GPUs)"
                  if (most_cpus, most_gpus) != (session.num_cpus, session.num_gpus) else "")
-        print(f"Ray: {session.num_nodes} node(s), {session.num_cpus:g} CPUs, {session.num_gpus:g} GPUs{grows}; "
-              f"{concurrent} trial(s) at a time", flush=True)
-        progress = Progress(total=len(order), skipped=len(order) - len(pending))
-        for tid, row in results.rows().items():
-            if row["status"] in DONE_STATUSES:
-                progress.finished[tid] = row["status"]
+        console.say(f"Ray: {session.num_nodes} node(s), {session.num_cpus:g} CPUs, {session.num_gpus:g} GPUs{grows}; "
+                    f"{concurrent} trial(s) at a time")
+        rows = results.rows()
         labels = {t.trial_id: t.label for t in pending}
+        progress = StudyProgress(results.path, trials, {  # a failed trial is pending again: it is retried
+            t.trial_id: "pending" if t.trial_id in labels else rows[t.trial_id]["status"] for t in trials})
         trainable = tune.with_parameters(
             _tune_trial, results_dir=str(results.path.resolve()), wandb_mode=options.wandb_mode,
             wandb_project=study.tracking.wandb_project, data_root=data_root(study),
-            attempts={tid: row.get("attempts", 0) for tid, row in results.rows().items()},
+            attempts={tid: row.get("attempts", 0) for tid, row in rows.items()},
+            logs_dir=None if options.verbose else str(console.logs.resolve()),
         )
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": TUNE_TRIAL_CPUS}),
@@ -157,10 +140,11 @@ def _run_tune(study: Study, pending: list[Trial], results: ResultsDir, order: li
                 storage_path=str((results.path / "tune").resolve()),
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[_Recorder(results, order, progress, labels)],
+                callbacks=[_Recorder(results, order, progress, labels, console)],
             ),
         )
-        tuner.fit()
+        with console.live(progress):
+            tuner.fit()
 
 
 def trial_concurrency(resources, cpus: float, gpus: float, max_concurrent: int | None, pending: int) -> int:
@@ -176,24 +160,32 @@ def trial_concurrency(resources, cpus: float, gpus: float, max_concurrent: int |
 
 
 def _tune_trial(config: dict[str, Any], results_dir: str, wandb_mode: str, wandb_project: str, data_root: str,
-                attempts: dict[str, int]) -> None:
-    """A Tune function trial: drive one trial's Train job and report its row."""
+                attempts: dict[str, int], logs_dir: str | None) -> None:
+    """A Tune function trial: drive one trial's Train job and report its row. With `logs_dir`, this process
+    and the trial's Train workers write their output to `<logs_dir>/<trial id>.log`."""
     from ray import tune
 
+    from cluster.logs import redirect_output
+
     trial = Trial.from_json(config["trial"])
-    row = run_trial(trial, results_dir, wandb_mode, wandb_project, attempt=attempts.get(trial.trial_id, 0) + 1,
-                    data_root=data_root)
+    log_path = str(Path(logs_dir) / f"{trial.trial_id}.log") if logs_dir else None
+    with redirect_output(log_path):
+        row = run_trial(trial, results_dir, wandb_mode, wandb_project, attempt=attempts.get(trial.trial_id, 0) + 1,
+                        data_root=data_root, log_path=log_path)
     tune.report({"row": json.dumps(row, default=str), "done": 1})
 
 
 class _Recorder(Callback):
-    """Driver-side: records each finished trial durably, rebuilds the Parquet files, prints progress."""
+    """Driver-side: records each finished trial durably, rebuilds the Parquet files, shows progress."""
 
-    def __init__(self, results: ResultsDir, order: list[str], progress: Progress, labels: dict[str, str]):
-        self.results, self.order, self.progress, self.labels = results, order, progress, labels
+    def __init__(self, results: ResultsDir, order: list[str], progress: StudyProgress, labels: dict[str, str],
+                 console: RunConsole):
+        self.results, self.order, self.progress, self.labels, self.console = results, order, progress, labels, console
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.progress.running.add(trial.config["trial"]["trial_id"])
+        tid = trial.config["trial"]["trial_id"]
+        self.console.trial_started(tid)
+        self.progress.start(tid)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "row" in result:
@@ -201,24 +193,27 @@ class _Recorder(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         planned = Trial.from_json(trial.config["trial"])
-        if planned.trial_id in self.progress.running:
+        if self.progress.states.get(planned.trial_id) == "running":
             error = getattr(trial, "error_file", None)
             self._record(trial_row(planned, {"status": "failed", "error": f"Tune trial error (see {error})"}))
 
     def _record(self, row: dict[str, Any]) -> None:
         tid = row["trial_id"]
         self.results.save_row(row)
-        self.progress.running.discard(tid)
-        self.progress.finished[tid] = row["status"]
+        self.progress.finish(tid, row["status"])
         try:
             self.results.consolidate(self.order)
         except Exception as e:  # noqa: BLE001 - the records are safe; the next consolidation retries
-            print(f"peer-sweeps: consolidation failed, will retry: {e}", file=sys.stderr)
-        print(self.progress.line(row, self.labels.get(tid, tid)), flush=True)
+            self.console.say(f"peer-sweeps: consolidation failed, will retry: {e}", style="yellow")
+        self.console.trial_finished(row, self.labels.get(tid, tid), self.progress)
 
 
-def run_single_trial(study_path: str | Path, trial_id: str, out: Path | None, wandb_mode: str) -> int:
-    """`peer-sweeps trial`: one trial of a study, outside a sweep (debugging). Records it like a sweep would."""
+def run_single_trial(study_path: str | Path, trial_id: str, out: Path | None, wandb_mode: str,
+                     prepare_data: bool = True) -> int:
+    """`peer-sweeps trial`: one trial of a study, outside a sweep (debugging). Records it like a sweep would;
+    its output is not redirected. Data progress goes to stderr, the trial's row to stdout."""
+    from rich.console import Console
+
     from cluster.runtime import ray_session
 
     study, planned = load_and_plan(study_path)
@@ -229,7 +224,7 @@ def run_single_trial(study_path: str | Path, trial_id: str, out: Path | None, wa
                          f"; see `peer-sweeps plan {study_path}`")
     trial = trials[matches[0]]
     results = ResultsDir(out or default_out(study))
-    _check_data(study, study_path)
+    _check_data(study, study_path, prepare_data, Console(stderr=True, highlight=False, soft_wrap=True).print)
     results.create()
     with results.lock():
         results.remove_partial_files()

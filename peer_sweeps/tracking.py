@@ -5,10 +5,13 @@ evaluation steps loss, ppl, ppl_<set>, bpb_<set>, usage, unevenness. A trial res
 at step S first drops the lines after S, so the record never holds a step twice.
 
 W&B mirrors it from rank 0 only: id = trial id, group = study, job_type = kind, config = the resolved
-trial with its derived counts, tags for method and budget, every metric plotted against tokens. A W&B
+trial with its derived counts beside flat keys to group and filter runs by (`COMPARISON_KEYS`, valued as
+in trials.parquet), tags for method and budget, every metric plotted against tokens (`flops` is logged
+and defined too, so any panel can switch its x-axis to it), the final evaluation in the summary. A W&B
 failure (no network, an init time-out after $PEER_SWEEPS_WANDB_INIT_TIMEOUT seconds, default 60, a full
 disk) never stops the trial: it is reported once per trial (one stderr line from the trial's rank-0
-worker, naming the trial, which Ray forwards to the driver's output) and the mirror goes quiet.
+worker, naming the trial, which `peer-sweeps run` copies from the trial's log to its console) and the
+mirror goes quiet.
 """
 
 from __future__ import annotations
@@ -64,6 +67,19 @@ def resolve_wandb_mode(cli_mode: str | None, study_mode: str) -> str:
     return mode
 
 
+COMPARISON_KEYS = ("method", "budget_flops", "params_active", "params_total", "params_backbone", "d_model",
+                   "n_layers", "num_experts", "expert_heads", "top_k", "query_bn", "seed", "lr")
+
+
+def wandb_config(trial: Trial) -> dict[str, Any]:
+    """A trial run's W&B config: the resolved trial (model, training, data nested) and the flat
+    `COMPARISON_KEYS`, valued as in its trials.parquet row (null where a method has no such setting)."""
+    from .trial import trial_row
+
+    row = trial_row(trial, {"status": "running"})
+    return {**trial.to_json(), **{key: row[key] for key in COMPARISON_KEYS}}
+
+
 class WandbMirror:
     """Mirrors metrics to a W&B run; becomes a no-op after the first W&B error."""
 
@@ -82,12 +98,13 @@ class WandbMirror:
             os.environ.setdefault("WANDB_SILENT", "true")
             run = wandb.init(
                 project=project, id=trial.trial_id, name=trial.label, group=trial.study, job_type=trial.kind,
-                config=trial.to_json(), tags=[trial.method] + ([f"budget={trial.budget_flops:.3g}"] if trial.budget_flops else []),
+                config=wandb_config(trial), tags=[trial.method] + ([f"budget={trial.budget_flops:.3g}"] if trial.budget_flops else []),
                 dir=results_dir, mode=mode, resume="allow", reinit="create_new",
                 settings=wandb.Settings(init_timeout=float(os.environ.get("PEER_SWEEPS_WANDB_INIT_TIMEOUT", 60)),
                                         console="off", x_disable_stats=True),
             )
             run.define_metric("tokens")
+            run.define_metric("flops")
             run.define_metric("*", step_metric="tokens")
             mirror.run = run
         except Exception as e:  # noqa: BLE001 - W&B must never cost the local record

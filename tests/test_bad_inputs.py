@@ -122,9 +122,9 @@ STUDY_CASES = [
     ("bad-wandb-mode", edit(_set("tracking.wandb_mode", "sometimes")), ["tracking.wandb_mode"]),
     ("unknown-data-suite", edit(_set("data.suite", "fixtrue")),
      ["data.suite", "unknown data suite 'fixtrue'", "did you mean 'fixture'"]),
-    ("data-suite-not-prepared", edit(_set("data.vocab_size", 1024)),
-     ["data.suite", "'fixture' (bpe1024) is not prepared", "peer-sweeps data prepare --suite fixture"]),
-    ("data-root-empty", edit(_set("data.root", "{tmp}/no-data")), ["data.suite", "is not prepared under"]),
+    # a suite that needs a dataset hub is never prepared by `run` (a shipped one is: see ARGUMENT_CASES)
+    ("hub-suite-not-prepared", edit(_set("data.suite", "c4"), _set("data.root", "{tmp}/no-data")),
+     ["data.suite", "'c4' (bpe512) is not prepared under {tmp}/no-data: run `peer-sweeps data prepare --study"]),
 ]
 
 # (id, command line, fragments); the good small study is at {study}
@@ -156,6 +156,12 @@ ARGUMENT_CASES = [
     ("status-dir-without-study", ["status", "{tmp}/empty-dir"], ["{tmp}/empty-dir: not a results directory"]),
     ("report-missing-dir", ["report", "{tmp}/absent"], ["{tmp}/absent: no such results directory"]),
     ("report-on-a-file", ["report", "{tmp}/a-file"], ["{tmp}/a-file: not a directory"]),
+    ("report-wandb-bogus", ["report", "{tmp}/empty-dir", "--wandb", "bogus"], ["--wandb: 'bogus' is not one of"]),
+    ("no-prepare-stops", ["run", "{tmp}/unprepared.yaml", "--out", "{out}", "--no-prepare"],
+     ["{tmp}/unprepared.yaml: data.suite: data suite 'fixture' (bpe512) is not prepared under {tmp}/no-data "
+      "(--no-prepare): run `peer-sweeps data prepare --study {tmp}/unprepared.yaml`"]),
+    ("plan-check-data-no-prepare", ["plan", "{tmp}/unprepared.yaml", "--check-data", "--no-prepare"],
+     ["{tmp}/unprepared.yaml: data.suite: ", "(--no-prepare): run `peer-sweeps data prepare --study"]),
 ]
 
 
@@ -190,6 +196,9 @@ def workspace(tmp_path, data_root, monkeypatch):
     bad = study_dict(data_root)
     bad["methods"] = {"peer": {**PEER, "num_experts": 1000}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    unprepared = study_dict(data_root)
+    unprepared["data"]["root"] = str(tmp_path / "no-data")
+    (tmp_path / "unprepared.yaml").write_text(yaml.safe_dump(unprepared))
     (tmp_path / "a-file").write_text("not a directory\n")
     (tmp_path / "empty-dir").mkdir()
     return tmp_path

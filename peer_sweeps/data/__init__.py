@@ -7,6 +7,7 @@
 """
 
 from peer_sweeps.data.corpora import CORPORA
+from peer_sweeps.data.ensure import ensure_prepared, ensure_study_data
 from peer_sweeps.data.errors import DataError
 from peer_sweeps.data.evaluate import TrainBatches, evaluate_lm
 from peer_sweeps.data.load import PreparedSuite, load_suite
@@ -16,5 +17,6 @@ from peer_sweeps.data.sources import HFDataset, LocalFiles, RegistryCorpus
 from peer_sweeps.data.suites import SUITES, Suite
 
 __all__ = ["CORPORA", "DataError", "HFDataset", "LocalFiles", "Manifest", "PreparedSuite", "RegistryCorpus",
-           "SUITES", "Suite", "TrainBatches", "default_root", "evaluate_lm", "load_suite", "manifest_table",
+           "SUITES", "Suite", "TrainBatches", "default_root", "ensure_prepared", "ensure_study_data",
+           "evaluate_lm", "load_suite", "manifest_table",
            "prepare_suite"]

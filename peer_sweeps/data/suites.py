@@ -23,7 +23,9 @@ class Suite:
     """`train`: the sources of the training mix. The validation split is `validation_fraction` of each
     training source's documents, held out by document, unless `validation` names sources of its own
     (C4's validation split, say). `eval_sets`: name -> sources, in report order. Evaluation documents
-    that share a word `ngram` with the training mix are dropped."""
+    that share a word `ngram` with the training mix are dropped. `auto_prepare`: everything the suite needs
+    comes from the package registries or this repository, so `peer-sweeps run` prepares it when it is
+    missing; a suite that needs a dataset hub or a user's files is left to `peer-sweeps data prepare`."""
 
     name: str
     description: str
@@ -32,6 +34,7 @@ class Suite:
     validation: tuple[str | Source, ...] = ()
     validation_fraction: float = 0.05
     ngram: int = 13
+    auto_prepare: bool = False
 
     def sources(self, group: tuple[str | Source, ...]) -> list[Source]:
         """The source objects of a group; corpus names are looked up (unknown ones raise DataError)."""
@@ -44,6 +47,7 @@ DEFAULT = Suite(
                 "Wikipedia, Milton and Australian news for evaluation",
     train=("bbc_news", "shakespeare_plays", "kjv", "django_docs"),
     eval_sets={"wikipedia": ("enwiki_sample",), "milton": ("milton",), "news_au": ("lee_news",)},
+    auto_prepare=True,
 )
 
 FIXTURE = Suite(
@@ -56,6 +60,7 @@ FIXTURE = Suite(
         "prose": (LocalFiles("fixture_prose", (str(FIXTURES / "prose.jsonl"),)),),
     },
     validation_fraction=0.2,
+    auto_prepare=True,
 )
 
 C4 = Suite(

@@ -71,12 +71,9 @@ COMPARISON_KEYS = ("method", "budget_flops", "params_active", "params_total", "p
                    "n_layers", "num_experts", "expert_heads", "top_k", "query_bn", "seed", "lr")
 
 
-def wandb_config(trial: Trial) -> dict[str, Any]:
+def wandb_config(trial: Trial, row: dict[str, Any]) -> dict[str, Any]:
     """A trial run's W&B config: the resolved trial (model, training, data nested) and the flat
-    `COMPARISON_KEYS`, valued as in its trials.parquet row (null where a method has no such setting)."""
-    from .trial import trial_row
-
-    row = trial_row(trial, {"status": "running"})
+    `COMPARISON_KEYS`, valued as in its trials.parquet `row` (null where a method has no such setting)."""
     return {**trial.to_json(), **{key: row[key] for key in COMPARISON_KEYS}}
 
 
@@ -88,7 +85,9 @@ class WandbMirror:
         self.warned = False
 
     @classmethod
-    def start(cls, trial: Trial, results_dir: str, mode: str, project: str, resumed: bool = False) -> WandbMirror:
+    def start(cls, trial: Trial, row: dict[str, Any], results_dir: str, mode: str, project: str,
+              resumed: bool = False) -> WandbMirror:
+        """`row`: the trial's trials.parquet row as planned, whose `COMPARISON_KEYS` the run's config carries."""
         if mode == "disabled":
             return cls(None)
         mirror = cls(None, trial.trial_id, mode)
@@ -98,7 +97,7 @@ class WandbMirror:
             os.environ.setdefault("WANDB_SILENT", "true")
             run = wandb.init(
                 project=project, id=trial.trial_id, name=trial.label, group=trial.study, job_type=trial.kind,
-                config=wandb_config(trial), tags=[trial.method] + ([f"budget={trial.budget_flops:.3g}"] if trial.budget_flops else []),
+                config=wandb_config(trial, row), tags=[trial.method] + ([f"budget={trial.budget_flops:.3g}"] if trial.budget_flops else []),
                 dir=results_dir, mode=mode, resume="allow", reinit="create_new",
                 settings=wandb.Settings(init_timeout=float(os.environ.get("PEER_SWEEPS_WANDB_INIT_TIMEOUT", 60)),
                                         console="off", x_disable_stats=True),

@@ -243,7 +243,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     directory = Path(config["trial_dir"])
     log = MetricsLog(directory / METRICS_FILE, truncate_after_step=start_step) if rank == 0 else None
-    mirror = WandbMirror.start(trial, config["results_dir"], **config["wandb"], resumed=start_step > 0) if rank == 0 else None
+    mirror = (WandbMirror.start(trial, trial_row(trial, {"status": "running"}), config["results_dir"], **config["wandb"],
+                                resumed=start_step > 0) if rank == 0 else None)
 
     batches = TrainBatches(data.train, trial.seq_len, sequences, trial.seed, rank, world)
     eval_steps = evenly_spaced_steps(total_steps, training["evals"])

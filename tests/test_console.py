@@ -119,7 +119,7 @@ def test_status_shows_how_far_a_running_trial_is(small_study, tmp_path):
     from peer_sweeps.cli import app
     from peer_sweeps.results import ResultsDir
     from peer_sweeps.runner import _write_study
-    from peer_sweeps.study import load_and_plan
+    from peer_sweeps.plan import load_and_plan
 
     study, (running, pending) = load_and_plan(small_study(tmp_path / "study.yaml"))
     results = ResultsDir(tmp_path / "out")

@@ -184,71 +184,98 @@ class Fault:
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker; returns the trial summary (from rank 0)."""
-    return TrialWorker(config).run()
+    return TrialWorker.set_up(config).run()
+
+
+def batch_geometry(trial: Trial, world: int) -> tuple[int, int, int]:
+    """(sequences in the global batch, micro batch per rank, accumulation steps) of a trial on `world` ranks."""
+    sequences = trial.batch_tokens // trial.seq_len
+    per_rank = sequences // world
+    micro = trial.training["micro_batch_size"] or per_rank
+    return sequences, micro, per_rank // micro
 
 
 class TrialWorker:
-    """One worker's share of a trial, in the parts a step of training is made of: set-up (`__init__`: data,
+    """One worker's share of a trial, in the parts a step of training is made of: set-up (`set_up`: data,
     model, engine, restored checkpoint), `train_step`, `evaluate`, `checkpoint`, and `summary`; `run` drives
-    them from the restored step to the trial's horizon."""
+    them from the restored step to the trial's horizon.
 
-    def __init__(self, config: dict[str, Any]):
+    Every tensor of the loop lives on `device`, the engine's (the worker's GPU under NCCL, which serves only
+    CUDA tensors; the CPU under gloo), and every collective of the loop runs there: the step loss and the
+    evaluation sums stay on the device and are read to the host once per step (the train loss, needed for
+    divergence detection and the record) and once per evaluation.
+    """
+
+    def __init__(self, trial: Trial, data, rank: int, world: int, engine, tables=None, fault: Fault | None = None):
+        from .data import TrainBatches
+
+        self.trial, self.training, self.data = trial, trial.training, data
+        self.rank, self.world = rank, world
+        self.engine, self.device, self.tables = engine, engine.device, tables
+        self.sequences, self.micro, self.accum = batch_geometry(trial, world)
+        self.total_steps = trial.steps
+        self.batches = TrainBatches(data.train, trial.seq_len, self.sequences, trial.seed, rank, world)
+        self.eval_steps = evenly_spaced_steps(self.total_steps, self.training["evals"])
+        self.checkpoint_steps = evenly_spaced_steps(self.total_steps, self.training["checkpoints"])
+        self.flops_per_step = trial.train_flops_per_token * trial.batch_tokens
+        self.eval_batch = max(1, min(16, self.sequences))
+        self.fault = fault or Fault("", trial.trial_id, Path("."))
+        self.start_step = 0
+        self.state: dict[str, Any] = {"train_seconds": 0.0, "first_loss": None}
+        self.log = self.mirror = None
+
+    @classmethod
+    def set_up(cls, config: dict[str, Any]) -> "TrialWorker":
+        """The worker of a Ray Train job: its model built on its device, the DeepSpeed engine, the latest
+        checkpoint restored, and (rank 0) the metrics record and its W&B mirror opened."""
         import torch
 
         from cluster.checkpointing import load_latest_checkpoint, world_rank, world_size
-        from cluster.deepspeed_config import build_engine, deepspeed_config
+        from cluster.deepspeed_config import build_engine, deepspeed_config, worker_device
         from cluster.eager_adamw import EagerAdamW
         from model import build_model
         from model.sparse_adam import ExpertTableOptimizer
 
-        from .data import TrainBatches, load_suite
+        from .data import load_suite
         from .tracking import MetricsLog, WandbMirror
 
-        self.trial = trial = Trial.from_json(config["trial"])
-        self.training = training = trial.training
-        self.rank, self.world = rank, world = world_rank(), world_size()
+        trial = Trial.from_json(config["trial"])
+        training = trial.training
+        rank, world = world_rank(), world_size()
         on_gpu = torch.cuda.is_available() and trial.resources["gpus_per_worker"] > 0
         precision = training["precision"] if training["precision"] != "auto" else ("bf16" if on_gpu else "fp32")
         torch.set_num_threads(config["threads"])
         torch.manual_seed(trial.seed)
 
-        self.data = load_suite(trial.data["suite"], config["data_root"], trial.data["vocab_size"])
-        model = build_model(trial.model_config)
-        self.sequences = sequences = trial.batch_tokens // trial.seq_len
-        per_rank = sequences // world
-        self.micro = micro = training["micro_batch_size"] or per_rank
-        self.accum = accum = per_rank // micro
-        self.total_steps = total_steps = trial.steps
-
-        self.tables = tables = None
+        data = load_suite(trial.data["suite"], config["data_root"], trial.data["vocab_size"])
+        model = build_model(trial.model_config, device=worker_device())
+        _, micro, accum = batch_geometry(trial, world)
+        tables = None
         if training.get("expert_tables") == "row_sparse":  # fp32 and ZeRO 1-2: checked when the study was loaded
-            self.tables = tables = ExpertTableOptimizer(
-                model, lr=training["lr"], betas=tuple(training["adam_betas"]),
-                weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
+            tables = ExpertTableOptimizer(model, lr=training["lr"], betas=tuple(training["adam_betas"]),
+                                          weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
         groups = param_groups(model, training["weight_decay"], exclude=tables.tables if tables is not None else ())
         optimizer = EagerAdamW(groups, lr=training["lr"], betas=tuple(training["adam_betas"]))
-        self.engine = engine = build_engine(
-            model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step)),
+
+        def schedule(step: int) -> float:
+            return lr_schedule(step, trial.steps, training["warmup_fraction"], training["min_lr_ratio"])
+
+        engine = build_engine(
+            model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             deepspeed_config(training["zero_stage"], micro, accum, training["grad_clip"], precision, world, on_gpu),
         )
-        self.device = engine.device
+        directory = Path(config["trial_dir"])
+        worker = cls(trial, data, rank, world, engine, tables, Fault(config.get("fault", ""), trial.trial_id, directory))
         restored = load_latest_checkpoint(engine)
-        self.start_step = restored["step"] if restored else 0
-        self.state = restored["state"] if restored else {"train_seconds": 0.0, "first_loss": None}
-        if restored and tables is not None:
-            tables.load_state_dict(restored["shared"]["expert_tables"])
-
-        self.directory = directory = Path(config["trial_dir"])
-        self.log = MetricsLog(directory / METRICS_FILE, truncate_after_step=self.start_step) if rank == 0 else None
-        self.mirror = (WandbMirror.start(trial, config["results_dir"], **config["wandb"], resumed=self.start_step > 0)
-                       if rank == 0 else None)
-
-        self.batches = TrainBatches(self.data.train, trial.seq_len, sequences, trial.seed, rank, world)
-        self.eval_steps = evenly_spaced_steps(total_steps, training["evals"])
-        self.checkpoint_steps = evenly_spaced_steps(total_steps, training["checkpoints"])
-        self.flops_per_step = trial.train_flops_per_token * trial.batch_tokens
-        self.eval_batch = max(1, min(16, sequences))
-        self.fault = Fault(config.get("fault", ""), trial.trial_id, directory)
+        if restored:
+            worker.start_step, worker.state = restored["step"], restored["state"]
+            if tables is not None:
+                tables.load_state_dict(restored["shared"]["expert_tables"])
+        if rank == 0:
+            worker.log = MetricsLog(directory / METRICS_FILE, truncate_after_step=worker.start_step)
+            worker.mirror = WandbMirror.start(trial, config["results_dir"], **config["wandb"],
+                                              resumed=worker.start_step > 0)
+        return worker
 
     def schedule(self, step: int) -> float:
         """The lr multiplier at optimizer step `step` (0-based)."""
@@ -261,15 +288,15 @@ class TrialWorker:
         last_eval: dict[str, Any] = {}
         status, error = "completed", None
         step = self.start_step
-        step_loss = None
+        train_loss = None
         try:
             while step < self.total_steps:
                 self.fault.before_step(step, self.rank)
                 tick = time.perf_counter()
                 step_loss = self.train_step(step)
+                train_loss = step_loss.item()  # the step's one host sync (it waits for the device's work)
                 state["train_seconds"] += time.perf_counter() - tick
                 step += 1
-                train_loss = float(step_loss)
                 if state["first_loss"] is None:
                     state["first_loss"] = train_loss
                 record = {"step": step, "tokens": step * trial.batch_tokens, "flops": step * self.flops_per_step,
@@ -278,7 +305,7 @@ class TrialWorker:
                 if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
                     raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
                 if step in self.eval_steps:
-                    last_eval = self.evaluate()
+                    last_eval = self.evaluation_results(self.evaluate())
                     record.update(last_eval)
                 if self.log is not None:
                     self.log.append(record)
@@ -289,52 +316,77 @@ class TrialWorker:
             status, error = "diverged", f"diverged: {e}"
             if self.log is not None:
                 self.log.append({"step": step, "tokens": step * trial.batch_tokens, "flops": step * self.flops_per_step,
-                                 "seconds": state["train_seconds"], "train_loss": float(step_loss), "diverged": True})
+                                 "seconds": state["train_seconds"], "train_loss": train_loss, "diverged": True})
 
         if status == "completed" and not last_eval:
             # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
-            last_eval = self.evaluate()
+            last_eval = self.evaluation_results(self.evaluate())
         return self.summary(step, status, error, last_eval)
 
     def train_step(self, step: int):
-        """One optimizer step over this rank's share of the global batch; the step's mean loss over all ranks."""
+        """One optimizer step over this rank's share of the global batch: the step's mean loss over all ranks,
+        a float64 scalar on the device (nothing is read to the host here)."""
         import torch
-        import torch.distributed as dist
         import torch.nn.functional as F
 
         engine = self.engine
         inputs, targets = self.batches.batch(step)
-        step_loss = torch.zeros((), dtype=torch.float64)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for x, y in zip(inputs.split(self.micro), targets.split(self.micro)):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             logits = engine(x)
             loss = self.fault.poison(step, F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
             engine.backward(loss)
             engine.step()
-            step_loss += loss.detach().double().cpu() / self.accum
+            step_loss += loss.detach().double() / self.accum
         if self.tables is not None:
             self.tables.step(self.training["lr"] * self.schedule(step))
+        return self.all_reduce(step_loss) / self.world
+
+    def all_reduce(self, tensor):
+        """The sum of `tensor` over the ranks, in place; the tensor must be on the loop's device."""
+        import torch.distributed as dist
+
+        assert tensor.device == self.device, (tensor.device, self.device)
         if self.world > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= self.world
-        return step_loss
+            dist.all_reduce(tensor)
+        return tensor
 
     def evaluate(self) -> dict[str, Any]:
-        """Loss, perplexity and bits per byte of every evaluation set; routing usage on the primary one."""
-        from model import summarize_routing
+        """Scores this rank's share of every evaluation set (and, on the primary set, the router scores) and
+        sums them over the ranks: {"sums": [sets, 4] (EVALUATION_SUMS per set), "routing": [per sparse layer]},
+        device tensors that `evaluation_results` reads."""
+        import torch
 
-        from .data import evaluate_lm
+        from .data.evaluate import evaluation_sums
 
-        results: dict[str, Any] = {}
         module, data, trial = self.engine.module, self.data, self.trial
+        sums, routing = [], []
         for name, tokens in data.eval_sets.items():
             module.collect_routing_stats(name == data.primary)
-            out = evaluate_lm(module, tokens, trial.seq_len, self.eval_batch, trial.data["eval_tokens"],
-                              data.token_bytes, self.device)
+            sums.append(evaluation_sums(module, tokens, trial.seq_len, self.eval_batch, trial.data["eval_tokens"],
+                                        data.token_bytes, self.device, self.rank, self.world))
             if name == data.primary:
-                results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(module.routing_scores()))
-            results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
+                routing = [scores.clone() for scores in module.routing_scores()]
         module.collect_routing_stats(False)
+        packed = torch.cat([torch.stack(sums).flatten(), *routing])  # one collective, one host read
+        return {"packed": self.all_reduce(packed), "sets": len(sums), "routing": [len(r) for r in routing]}
+
+    def evaluation_results(self, evaluated: dict[str, Any]) -> dict[str, Any]:
+        """loss, ppl, usage and unevenness on the primary set, ppl_<set> and bpb_<set> on every set."""
+        from model import summarize_routing
+
+        from .data.evaluate import EVALUATION_SUMS, evaluation_metrics
+
+        packed = evaluated["packed"].cpu()
+        n_sums = evaluated["sets"] * len(EVALUATION_SUMS)
+        sums, routing = packed[:n_sums].view(evaluated["sets"], -1), packed[n_sums:].split(evaluated["routing"])
+        results: dict[str, Any] = {}
+        for name, set_sums in zip(self.data.eval_sets, sums):
+            out = evaluation_metrics(set_sums)
+            if name == self.data.primary:
+                results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(list(routing)))
+            results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
         return results
 
     def checkpoint(self, step: int, train_loss: float) -> None:

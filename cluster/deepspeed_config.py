@@ -31,6 +31,13 @@ def set_accelerator_env() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
+def worker_device() -> torch.device:
+    """The device of this worker's model and engine: its local-rank GPU where there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def _stand_in_for_deepspeed_muon() -> None:
     """DeepSpeed 0.19's ZeRO engine imports its Muon modules whether or not Muon is used: to ask whether the
     optimizer is a `MuonWithAuxAdam`, and once per step before a loop that calls `muon_update` only for
@@ -118,9 +125,9 @@ def build_engine(
     if not dist.is_initialized():
         raise RuntimeError("build_engine runs inside a Ray Train worker: no torch process group is set up")
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = worker_device()
         torch.cuda.set_device(device)
-        model = model.to(device)
+        model = model.to(device)  # a no-op for a model built there (model.build_model(cfg, device))
     if model_parameters is None and callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(

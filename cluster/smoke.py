@@ -7,6 +7,7 @@ sees the same global batch, and the mean of the ranks' micro-batch losses is the
 loop_config keys: steps, global_batch, zero_stage, seed, lr, grad_clip, dim, hidden;
 checkpoint_every (0: never); kill_at_step + kill_marker (+ kill_rank, kill_delay_s): SIGKILL that rank
 after that step, once (the marker file records it); raise_at_step: raise ValueError on every rank;
+attempts_file: rank 0 appends a line to it at every start (attempts of the job);
 report_at_end: report metrics without a checkpoint after the last step; step_sleep_s: seconds per step.
 Returns, from rank 0: {"losses": {step: global loss}, "start_step", "world_size", "node_ids", "timings"}.
 """
@@ -54,6 +55,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def mlp_regression_loop(config: dict) -> dict:
     t_start = time.perf_counter()
     rank, world = dist.get_rank(), dist.get_world_size()
+    if config.get("attempts_file") and rank == 0:
+        with open(config["attempts_file"], "a") as f:
+            f.write("start\n")
     steps, batch, dim = config["steps"], config["global_batch"], config.get("dim", 16)
     if batch % world:
         raise ValueError(f"global_batch {batch} is not divisible by {world} workers")

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import ray
 import ray.train
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from cluster.allocator import TRAINING_MALLOC_ENV
@@ -62,6 +64,45 @@ class TrainJobError(RuntimeError):
         self.worker_errors = worker_errors
 
 
+# Errors of the job's own code that a retry would only repeat (the same code on the same data): a bug, a
+# dtype or shape mismatch, a tensor too large for the device. A lost worker shows up on the others as some
+# other error (a RuntimeError from the collective it broke, a dead actor) and is retried.
+RECURRING_ERRORS = (TypeError, ValueError, AttributeError, NameError, ImportError, NotImplementedError,
+                    AssertionError, IndexError, KeyError, ZeroDivisionError)
+RECURRING_MESSAGES = ("expected scalar type", "dtype", "shape", "size mismatch", "mat1 and mat2", "out of memory")
+
+
+class RecurringError(RuntimeError):
+    """A worker's error that will recur on a retry (see `will_recur`): the job fails at once, whatever its
+    max_failures. The message is the original's, prefixed by its type."""
+
+
+def will_recur(error: BaseException) -> bool:
+    if isinstance(error, RECURRING_ERRORS):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in RECURRING_MESSAGES)
+
+
+class FailFastOnRecurringErrors(DefaultFailurePolicy):
+    """Ray Train's default policy (retry a failed worker group up to max_failures times), except that a
+    failure in which any worker raised a RecurringError is raised at once."""
+
+    def make_decision(self, training_failed_error):
+        failures = getattr(training_failed_error, "worker_failures", {}) or {}
+        if any(isinstance(error, RecurringError) for error in failures.values()):
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+class _FailFast:
+    """Mixin for a Ray Train trainer: its controller uses FailFastOnRecurringErrors (Ray Train internals:
+    `_initialize_and_run_controller(failure_policy=...)`)."""
+
+    def _initialize_and_run_controller(self, **kwargs):
+        kwargs["failure_policy"] = FailFastOnRecurringErrors(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**kwargs)
+
+
 @functools.cache
 def _state_api_available() -> bool:
     """Whether the cluster serves Ray's state API (its dashboard: ray[default], not ray[train] alone)."""
@@ -74,7 +115,7 @@ def _state_api_available() -> bool:
     return True
 
 
-class LeanTorchTrainer(DataParallelTrainer):
+class LeanTorchTrainer(_FailFast, DataParallelTrainer):
     """A TorchTrainer without what a DeepSpeed job here does not use.
 
     Ray Train V2 starts up to six processes per job (controller, worker(s), synchronization actor, dataset
@@ -112,7 +153,12 @@ def _worker_entry(train_loop: Callable[[dict], Any], log_path: str | None) -> Ca
 
         with redirect_output(log_path):
             set_accelerator_env()
-            return train_loop(config)
+            try:
+                return train_loop(config)
+            except Exception as error:
+                if will_recur(error):
+                    raise RecurringError(f"{type(error).__name__}: {error}") from error
+                raise
 
     return entry
 
@@ -138,7 +184,9 @@ def run_train_job(
     `train_loop` must be importable by the workers (a module-level function of an installed package or a
     module on the driver's sys.path, which Ray passes on). It gets `loop_config` as is. A worker that
     dies or raises restarts the whole group (from the latest checkpoint) up to `max_failures` times; after
-    that `TrainJobError` is raised with each failed rank's error. `timeout_s` bounds every collective.
+    that `TrainJobError` is raised with each failed rank's error. An error that a retry would repeat
+    (`will_recur`: a TypeError, a dtype mismatch...) fails the job at its first occurrence. `timeout_s`
+    bounds every collective.
     `lean`: skip Ray Train's optional side actors (LeanTorchTrainer, LEAN_ENV; environment variables the
     caller set win). The job itself computes the same either way. `log_path`: every worker appends its
     stdout and stderr (DeepSpeed's, Ray Train's, the loop's own) to this file instead of Ray's logs.
@@ -153,7 +201,8 @@ def run_train_job(
     else:
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        trainer_cls = functools.partial(TorchTrainer, torch_config=TorchConfig(backend=backend, timeout_s=timeout_s))
+        trainer_cls = functools.partial(type("FailFastTorchTrainer", (_FailFast, TorchTrainer), {}),
+                                        torch_config=TorchConfig(backend=backend, timeout_s=timeout_s))
     trainer = trainer_cls(
         _worker_entry(train_loop, log_path),
         train_loop_config=loop_config,

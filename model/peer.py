@@ -14,6 +14,9 @@ Defaults and choices the paper leaves open (stated here because they differ from
   used, so evaluation is per-token and batch-independent. Padding tokens would enter the training-mode
   statistics: feed full sequences (peer-sweeps never pads) or mask them out before the layer.
 - Initialisation: u, v ~ N(0, 1/dim); sub-keys ~ N(0, 1/(query_dim/2)); query map as nn.Linear.
+- In bf16 (DeepSpeed casts the whole module) the query batch norm still runs in fp32 and keeps fp32 running
+  statistics (`QueryBatchNorm`): statistics tracked in bf16 drift (running_var 2.20 against a true 2.25
+  after 200 batches), and sub-key and table gradients are summed in fp32 (model/peer_kernels.py).
 
 Two implementations of the same layer (same parameters, state dict and results up to float summation order):
 - `PEERReference`: the simple one, a transcription of the paper's pseudo-code; it gathers the
@@ -53,6 +56,38 @@ def check_product_key_shape(num_experts: int, top_k: int, query_dim: int) -> int
     return num_sub_keys
 
 
+class QueryBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d that normalises in at least fp32 and keeps its running statistics in at least fp32.
+
+    A bf16 input is normalised in fp32 (the affine parameters cast up) and the result cast back to bf16.
+    Casting the module to a 16-bit float type (`module.bfloat16()`, as DeepSpeed's bf16 mode does) moves the
+    running statistics but keeps their fp32 values. In fp32 and fp64 it is nn.BatchNorm1d, bit for bit.
+    """
+
+    LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype in self.LOW_PRECISION and before.dtype not in self.LOW_PRECISION:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in self.LOW_PRECISION and self.weight.dtype == x.dtype:
+            return super().forward(x)
+        self._check_input_dim(x)
+        assert self.track_running_stats and self.momentum is not None, "QueryBatchNorm keeps running statistics"
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
+        y = F.batch_norm(x.to(dtype), self.running_mean, self.running_var, self.weight.to(dtype),
+                         self.bias.to(dtype), self.training, self.momentum, self.eps)
+        return y.to(x.dtype)
+
+
 class PEERReference(nn.Module):
     """A PEER layer mapping x[..., dim] to the same shape (see the module docstring): the simple version."""
 
@@ -77,7 +112,7 @@ class PEERReference(nn.Module):
         self.query_dim, self.activation, self.score_fn = query_dim, activation, score_fn
 
         self.query_proj = nn.Linear(dim, heads * query_dim, bias=False)
-        self.query_norm = nn.BatchNorm1d(heads * query_dim) if query_bn else None
+        self.query_norm = QueryBatchNorm(heads * query_dim) if query_bn else None
         self.sub_keys = nn.Parameter(torch.randn(2, num_sub_keys, query_dim // 2) * (query_dim / 2) ** -0.5)
         self.w_down = nn.Embedding(num_experts, dim, _weight=empty_table(num_experts, dim).normal_(std=dim**-0.5))
         self.w_up = nn.Embedding(num_experts, dim, _weight=empty_table(num_experts, dim).normal_(std=dim**-0.5))

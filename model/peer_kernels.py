@@ -22,8 +22,9 @@ Two backends with the same results up to float summation order:
   gathered row, software prefetch of rows a few entries ahead), built on first use with
   torch.utils.cpp_extension.load (needs a C++ compiler and ninja; the build is cached under
   TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). CPU, float32 and float64 only.
-- "torch": plain torch ops (F.embedding_bag and its per-sample-weight backward, sort, index_add_):
-  any device and dtype, used where "cpp" does not apply or cannot be built.
+- "torch": plain torch ops (F.embedding_bag and its per-sample-weight backwards): any device and dtype, used
+  where "cpp" does not apply or cannot be built; the path GPUs run. Its dense table gradients are summed in at
+  least fp32, never materialise [R, M, D] and never sync with the host.
 PEER_KERNELS=torch|cpp in the environment forces one; the default is "cpp" where it applies.
 """
 
@@ -96,6 +97,11 @@ def _bag_offsets(R: int, M: int, device) -> torch.Tensor:
     return torch.arange(0, R * M, M, device=device)
 
 
+def _bag_of_entry(R: int, M: int, device) -> torch.Tensor:
+    """[R * M]: the bag (row r) of each flattened entry (r, m)."""
+    return torch.arange(R, device=device).repeat_interleave(M)
+
+
 # gather_dot and weighted_bag are registered as torch ops (peer_sweeps::...) with FLOP formulas, so that
 # torch.utils.flop_counter.FlopCounterMode counts the expert FLOPs of PEER as it counts an einsum's.
 @torch.library.custom_op("peer_sweeps::gather_dot", mutates_args=())
@@ -108,7 +114,7 @@ def gather_dot(x: torch.Tensor, W: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     # The per-sample-weight gradient of embedding_bag is exactly this gather-dot, computed row by row.
     flat = idx.reshape(-1)
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        x, W, flat, _bag_offsets(R, M, x.device), torch.arange(R, device=x.device).repeat_interleave(M), 0, -1
+        x, W, flat, _bag_offsets(R, M, x.device), _bag_of_entry(R, M, x.device), 0, -1
     ).view(R, M)
 
 
@@ -145,29 +151,35 @@ def row_grads(idx: torch.Tensor, N: int, *pairs: tuple[torch.Tensor, torch.Tenso
               out: list[torch.Tensor] = ()) -> list[torch.Tensor]:
     """[rows [U] (sorted, unique), G_1 [U, D], ...]: G_j[u] = sum over idx[r, m] = rows[u] of c_j[r, m] X_j[r],
     every X_j [R, D] of one width (the cpp backend sums all pairs in one pass). `out`: optional buffers (cpp backend): G_j is the first U rows of out[j] where out[j] is large enough and
-    no other tensor shares its memory, else fresh memory."""
+    no other tensor shares its memory, else fresh memory. The torch backend reads the touched rows out of
+    `dense_row_grads` (O(N D) memory, never [R, M, D]); its torch.unique is a host sync, acceptable because
+    row-sparse gradients are a CPU path (the dense path, `dense_row_grads`, is what GPUs run)."""
     idx = idx.contiguous()
     coefs = [c.contiguous() for c, _ in pairs]
     xs = [X.contiguous() for _, X in pairs]
     if backend(*coefs, *xs) == "cpp":
         return _cpp().row_grads(idx, N, coefs, xs, list(out))
-    R, M = idx.shape
-    rows, inverse = torch.unique(idx.reshape(-1), sorted=True, return_inverse=True)
-    out = [rows]
-    for c, X in zip(coefs, xs):
-        contrib = c.reshape(R, M, 1) * X.reshape(R, 1, -1)  # materialised [R, M, D]: the fallback path only
-        G = torch.zeros(rows.numel(), X.shape[1], dtype=X.dtype, device=X.device)
-        out.append(G.index_add_(0, inverse, contrib.reshape(R * M, -1)))
-    return out
+    rows = torch.unique(idx.reshape(-1), sorted=True)
+    return [rows, *(dense_row_grads(idx, N, c, X).index_select(0, rows) for c, X in zip(coefs, xs))]
 
 
 def dense_row_grads(idx: torch.Tensor, N: int, c: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """G [N, D]: G[n] = sum over idx[r, m] = n of c[r, m] X[r], for small tables (a dense copy per thread)."""
+    """G [N, D]: G[n] = sum over idx[r, m] = n of c[r, m] X[r], in X's dtype.
+
+    cpp backend: for small tables (a dense copy per thread). torch backend: embedding_bag's per-sample-weight
+    backward (sort and segment-sum on CUDA, a row-wise scatter on CPU), summed in at least fp32 whatever the
+    inputs' dtype (a bf16 sum over the ~1,000 contributions a sub-key row gets per step loses most of them);
+    no [R, M, D] tensor, no host sync."""
     idx, c, X = idx.contiguous(), c.contiguous(), X.contiguous()
     if backend(c, X) == "cpp":
         return _cpp().dense_row_grads(idx, N, c, X)
     R, M = idx.shape
-    return X.new_zeros(N, X.shape[1]).index_add_(0, idx.reshape(-1), (c.reshape(R, M, 1) * X.reshape(R, 1, -1)).reshape(R * M, -1))
+    acc = torch.promote_types(X.dtype, torch.float32)
+    no_bags = idx.new_empty(0)  # bag sizes and max indices: only read by the mean and max modes
+    G = torch.ops.aten._embedding_bag_backward(
+        X.to(acc), idx.reshape(-1), _bag_offsets(R, M, idx.device), _bag_of_entry(R, M, idx.device), no_bags,
+        no_bags, N, False, 0, False, c.reshape(-1).to(acc), -1)
+    return G.to(X.dtype)
 
 
 def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,14 @@ Shapes: T tokens, D model dim, H heads, K top-k, M = H*K experts per token, Q qu
   model/product_keys.py) whose backward touches only the retrieved sub-keys: the score of expert
   i*S + j is q1 . C[i] + q2 . C'[j], so its gradient reaches K rows of each sub-key set per head and token,
   not the dense (T*H, S) score matrices.
+- `weighted_rows(idx, table, weights)`: PKM's read, F.embedding_bag's weighted sum, with the table gradient
+  summed in fp32 (for bf16 tables; embedding_bag's own backward sums in the table's dtype on CUDA).
 - `peer_experts(x, gates, w_down, w_up, indices, activation, sparse_grad)`:
       y_t = sum_m gates[t, m] act(x_t . U[idx[t, m]]) V[idx[t, m]]
   without materialising the gathered rows; the (N, D) table gradients are row-sparse: a coalesced sparse
-  COO tensor over the touched rows (sparse_grad=True, for RowSparseAdam) or the same rows scattered into a
-  dense zero tensor (sparse_grad=False, for any torch optimizer; this costs O(N D) per step).
+  COO tensor over the touched rows (sparse_grad=True, for RowSparseAdam) or a dense tensor (sparse_grad=False,
+  for any torch optimizer; this costs O(N D) per step). On the torch backend (GPUs) the dense gradients are
+  one fp32-accumulated scatter-sum per table, with no host sync in the backward.
 """
 
 from __future__ import annotations
@@ -44,10 +47,20 @@ class GradBuffers:
         return self.buffers
 
 
-def _table_grad(rows: torch.Tensor, G: torch.Tensor, shape: torch.Size, sparse: bool) -> torch.Tensor:
+def _table_grads(idx: torch.Tensor, table: torch.Tensor, pairs, sparse: bool, buffers: GradBuffers | None):
+    """The gradients of `table` [N, D] for each (c, X) in `pairs`: G[n] = sum over idx[r, m] = n of c[r, m] X[r].
+
+    Dense on the torch backend: one scatter-sum per table (K.dense_row_grads), no unique rows, no host sync.
+    Otherwise from the touched rows (K.row_grads): a coalesced sparse COO tensor, or scattered into zeros."""
+    shape = table.shape
+    if not sparse and K.backend(table, *(t for pair in pairs for t in pair)) == "torch":
+        return [K.dense_row_grads(idx, shape[0], c, X).to(table.dtype) for c, X in pairs]
+    out = buffers.get(len(pairs), idx.numel(), table) if sparse and buffers else []
+    rows, *grads = K.row_grads(idx, shape[0], *pairs, out=out)
     if sparse:
-        return torch.sparse_coo_tensor(rows.unsqueeze(0), G, shape, is_coalesced=True, check_invariants=False)
-    return G.new_zeros(shape).index_copy_(0, rows, G)
+        return [torch.sparse_coo_tensor(rows.unsqueeze(0), G, shape, is_coalesced=True, check_invariants=False)
+                for G in grads]
+    return [G.new_zeros(shape).index_copy_(0, rows, G) for G in grads]
 
 
 class _ProductKeyTopK(torch.autograd.Function):
@@ -84,6 +97,28 @@ def product_key_topk_sparse(q: torch.Tensor, sub_keys: torch.Tensor, top_k: int)
     return _ProductKeyTopK.apply(q, sub_keys, top_k)
 
 
+class _WeightedRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx_TM, table, weights_TM):
+        ctx.save_for_backward(idx_TM, table, weights_TM)
+        return torch.nn.functional.embedding_bag(idx_TM, table, per_sample_weights=weights_TM, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g_out_TD):
+        idx_TM, table, weights_TM = ctx.saved_tensors
+        g_out_TD = g_out_TD.contiguous()
+        g_table = K.dense_row_grads(idx_TM, table.shape[0], weights_TM, g_out_TD).to(table.dtype) \
+            if ctx.needs_input_grad[1] else None
+        g_weights = K.gather_dot(g_out_TD, table, idx_TM) if ctx.needs_input_grad[2] else None
+        return None, g_table, g_weights
+
+
+def weighted_rows(idx_TM: torch.Tensor, table: torch.Tensor, weights_TM: torch.Tensor) -> torch.Tensor:
+    """[T, D] = sum_m weights[t, m] table[idx[t, m]] (F.embedding_bag, mode "sum"), whose table gradient is one
+    fp32-accumulated scatter-sum (K.dense_row_grads)."""
+    return _WeightedRows.apply(idx_TM, table, weights_TM)
+
+
 class _PEERExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, gates_TM, w_down, w_up, idx_TM, activation, sparse_grad, buffers):
@@ -110,9 +145,7 @@ class _PEERExperts(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             pairs.append((act_TM * gates_TM, g_y_TD))
         if pairs:
-            out = ctx.buffers.get(len(pairs), idx_TM.numel(), w_down) if ctx.sparse_grad and ctx.buffers else []
-            rows, *grads = K.row_grads(idx_TM, w_down.shape[0], *pairs, out=out)
-            grads = [_table_grad(rows, G, w_down.shape, ctx.sparse_grad) for G in grads]
+            grads = _table_grads(idx_TM, w_down, pairs, ctx.sparse_grad, ctx.buffers)
             if ctx.needs_input_grad[2]:
                 g_down = grads.pop(0)
             if ctx.needs_input_grad[3]:

@@ -4,7 +4,8 @@ Per head h: a query q_h(x) (one shared linear map, then batch norm over all head
 product keys (two sets of sqrt(N) sub-keys of dimension query_dim/2), exact top-k retrieval, softmax over
 the k scores. The output is sum over heads of the score-weighted sum of the retrieved value rows; the
 values (N, dim) are shared by the heads. Weighted sums use `F.embedding_bag` so the [..., H*K, dim]
-gathered rows are never materialised. Query batch norm behaves as in PEER (see model/peer.py).
+gathered rows are never materialised. Query batch norm behaves as in PEER (see model/peer.py); in bf16 the
+values' gradient, ~T h k / N contributions a row, is summed in fp32 (`weighted_rows`), as PEER's are.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .peer import check_product_key_shape
-from .peer_ops import product_key_topk_sparse
+from .peer import QueryBatchNorm, check_product_key_shape
+from .peer_ops import product_key_topk_sparse, weighted_rows
 from .product_keys import batch_normed_queries
 from .routing import RoutingStats
 
@@ -25,7 +26,7 @@ class PKM(nn.Module):
         num_sub_keys = check_product_key_shape(num_memories, top_k, query_dim)
         self.dim, self.num_memories, self.heads, self.top_k, self.query_dim = dim, num_memories, heads, top_k, query_dim
         self.query_proj = nn.Linear(dim, heads * query_dim, bias=False)
-        self.query_norm = nn.BatchNorm1d(heads * query_dim) if query_bn else None
+        self.query_norm = QueryBatchNorm(heads * query_dim) if query_bn else None
         self.sub_keys = nn.Parameter(torch.randn(heads, 2, num_sub_keys, query_dim // 2) * (query_dim / 2) ** -0.5)
         self.values = nn.Parameter(torch.randn(num_memories, dim) * dim**-0.5)
         self.routing_stats = RoutingStats(num_memories)
@@ -46,5 +47,8 @@ class PKM(nn.Module):
         weights = scores.softmax(dim=-1)
         self.routing_stats.add(indices, weights)
         bags = indices.reshape(-1, self.heads * self.top_k)
-        out = F.embedding_bag(bags, self.values, per_sample_weights=weights.reshape(bags.shape), mode="sum")
+        if self.values.dtype in QueryBatchNorm.LOW_PRECISION:  # sum the values' gradient in fp32
+            out = weighted_rows(bags, self.values, weights.reshape(bags.shape))
+        else:
+            out = F.embedding_bag(bags, self.values, per_sample_weights=weights.reshape(bags.shape), mode="sum")
         return out.view(*x.shape[:-1], self.dim)

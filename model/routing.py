@@ -14,7 +14,8 @@ import torch
 
 
 class RoutingStats:
-    """Accumulates router scores per expert while `enabled`; owned by a sparse layer."""
+    """Accumulates router scores per expert (float64, on the layer's device) while `enabled`; owned by a sparse
+    layer."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -29,10 +30,9 @@ class RoutingStats:
         """indices, gates: same shape; gates[j] is the router score given to expert indices[j]."""
         if not self.enabled:
             return
-        self.scores += torch.bincount(
-            indices.reshape(-1).cpu(), weights=gates.reshape(-1).detach().double().cpu(),
-            minlength=self.num_experts,
-        )
+        if self.scores.device != indices.device:  # kept where the layer runs: no host copy per batch
+            self.scores = self.scores.to(indices.device)
+        self.scores.index_add_(0, indices.reshape(-1), gates.reshape(-1).detach().to(self.scores.dtype))
 
 
 def usage(accumulated: torch.Tensor) -> float:

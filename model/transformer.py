@@ -137,5 +137,9 @@ def summarize_routing(scores_per_layer: list[torch.Tensor]) -> dict[str, float]:
     }
 
 
-def build_model(cfg: ModelConfig) -> Transformer:
-    return Transformer(cfg)
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> Transformer:
+    """The model, built on `device` (default the CPU): every tensor is created and initialised there, so a
+    GPU worker never holds the model in host memory (and never builds the CPU kernels for its tables).
+    "meta" gives shapes without memory."""
+    with torch.device(device or "cpu"):
+        return Transformer(cfg)

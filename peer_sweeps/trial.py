@@ -191,147 +191,246 @@ class Fault:
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker; returns the trial summary (from rank 0)."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+    return TrialWorker.set_up(config).run()
 
-    from cluster.checkpointing import load_latest_checkpoint, save_checkpoint, world_rank, world_size
-    from cluster.deepspeed_config import build_engine, deepspeed_config
-    from cluster.eager_adamw import EagerAdamW
-    from cluster.runtime import current_node_id
-    from model import build_model, summarize_routing
-    from model.sparse_adam import ExpertTableOptimizer
 
-    from .capacity import GpuMeter
-    from .data import TrainBatches, evaluate_lm, load_suite
-    from .tracking import MetricsLog, WandbMirror
-
-    trial = Trial.from_json(config["trial"])
-    training, data_spec = trial.training, trial.data
-    rank, world = world_rank(), world_size()
-    on_gpu = torch.cuda.is_available() and trial.resources["gpus_per_worker"] > 0
-    precision = training["precision"] if training["precision"] != "auto" else ("bf16" if on_gpu else "fp32")
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(trial.seed)
-
-    data = load_suite(data_spec["suite"], config["data_root"], data_spec["vocab_size"])
-    cfg = trial.model_config
-    model = build_model(cfg)
+def batch_geometry(trial: Trial, world: int) -> tuple[int, int, int]:
+    """(sequences in the global batch, micro batch per rank, accumulation steps) of a trial on `world` ranks."""
     sequences = trial.batch_tokens // trial.seq_len
     per_rank = sequences // world
-    micro = training["micro_batch_size"] or per_rank
-    accum = per_rank // micro
-    total_steps = trial.steps
+    micro = trial.training["micro_batch_size"] or per_rank
+    return sequences, micro, per_rank // micro
 
-    tables = None
-    if training.get("expert_tables") == "row_sparse":  # fp32 and ZeRO 1-2: checked when the study was loaded
-        tables = ExpertTableOptimizer(model, lr=training["lr"], betas=tuple(training["adam_betas"]),
-                                      weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
-    groups = param_groups(model, training["weight_decay"], exclude=tables.tables if tables is not None else ())
-    optimizer = EagerAdamW(groups, lr=training["lr"], betas=tuple(training["adam_betas"]))
-    schedule = lambda step: lr_schedule(step, total_steps, training["warmup_fraction"], training["min_lr_ratio"])  # noqa: E731
-    engine = build_engine(
-        model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        deepspeed_config(training["zero_stage"], micro, accum, training["grad_clip"], precision, world, on_gpu),
-    )
-    device = engine.device
-    restored = load_latest_checkpoint(engine)
-    start_step = restored["step"] if restored else 0
-    state = restored["state"] if restored else {"train_seconds": 0.0, "first_loss": None}
-    if restored and tables is not None:
-        tables.load_state_dict(restored["shared"]["expert_tables"])
 
-    directory = Path(config["trial_dir"])
-    log = MetricsLog(directory / METRICS_FILE, truncate_after_step=start_step) if rank == 0 else None
-    mirror = (WandbMirror.start(trial, trial_row(trial, {"status": "running"}), config["results_dir"], **config["wandb"],
-                                resumed=start_step > 0) if rank == 0 else None)
+class TrialWorker:
+    """One worker's share of a trial, in the parts a step of training is made of: set-up (`set_up`: data,
+    model, engine, restored checkpoint), `train_step`, `evaluate`, `checkpoint`, and `summary`; `run` drives
+    them from the restored step to the trial's horizon.
 
-    batches = TrainBatches(data.train, trial.seq_len, sequences, trial.seed, rank, world)
-    eval_steps = evenly_spaced_steps(total_steps, training["evals"])
-    checkpoint_steps = evenly_spaced_steps(total_steps, training["checkpoints"])
-    flops_per_step = trial.train_flops_per_token * trial.batch_tokens
-    eval_batch = max(1, min(16, sequences))
-    last_eval: dict[str, Any] = {}
-    status, error = "completed", None
+    Every tensor of the loop lives on `device`, the engine's (the worker's GPU under NCCL, which serves only
+    CUDA tensors; the CPU under gloo), and every collective of the loop runs there: the step loss and the
+    evaluation sums stay on the device and are read to the host once per step (the train loss, needed for
+    divergence detection and the record) and once per evaluation.
+    """
 
-    def evaluate() -> dict[str, Any]:
-        results: dict[str, Any] = {}
-        module = engine.module
+    def __init__(self, trial: Trial, data, rank: int, world: int, engine, tables=None, fault: Fault | None = None):
+        from .data import TrainBatches
+
+        self.trial, self.training, self.data = trial, trial.training, data
+        self.rank, self.world = rank, world
+        self.engine, self.device, self.tables = engine, engine.device, tables
+        self.sequences, self.micro, self.accum = batch_geometry(trial, world)
+        self.total_steps = trial.steps
+        self.batches = TrainBatches(data.train, trial.seq_len, self.sequences, trial.seed, rank, world)
+        self.eval_steps = evenly_spaced_steps(self.total_steps, self.training["evals"])
+        self.checkpoint_steps = evenly_spaced_steps(self.total_steps, self.training["checkpoints"])
+        self.flops_per_step = trial.train_flops_per_token * trial.batch_tokens
+        self.eval_batch = max(1, min(16, self.sequences))
+        self.fault = fault or Fault("", trial.trial_id, Path("."))
+        self.start_step = 0
+        self.state: dict[str, Any] = {"train_seconds": 0.0, "first_loss": None}
+        self.log = self.mirror = self.gpu = None
+
+    @classmethod
+    def set_up(cls, config: dict[str, Any]) -> "TrialWorker":
+        """The worker of a Ray Train job: its model built on its device, the DeepSpeed engine, the latest
+        checkpoint restored, and (rank 0) the metrics record and its W&B mirror opened."""
+        import torch
+
+        from cluster.checkpointing import load_latest_checkpoint, world_rank, world_size
+        from cluster.deepspeed_config import build_engine, deepspeed_config, worker_device
+        from cluster.eager_adamw import EagerAdamW
+        from model import build_model
+        from model.sparse_adam import ExpertTableOptimizer
+
+        from .capacity import GpuMeter
+        from .data import load_suite
+        from .tracking import MetricsLog, WandbMirror
+
+        trial = Trial.from_json(config["trial"])
+        training = trial.training
+        rank, world = world_rank(), world_size()
+        on_gpu = torch.cuda.is_available() and trial.resources["gpus_per_worker"] > 0
+        precision = training["precision"] if training["precision"] != "auto" else ("bf16" if on_gpu else "fp32")
+        torch.set_num_threads(config["threads"])
+        torch.manual_seed(trial.seed)
+
+        data = load_suite(trial.data["suite"], config["data_root"], trial.data["vocab_size"])
+        model = build_model(trial.model_config, device=worker_device())
+        _, micro, accum = batch_geometry(trial, world)
+        tables = None
+        if training.get("expert_tables") == "row_sparse":  # fp32 and ZeRO 1-2: checked when the study was loaded
+            tables = ExpertTableOptimizer(model, lr=training["lr"], betas=tuple(training["adam_betas"]),
+                                          weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
+        groups = param_groups(model, training["weight_decay"], exclude=tables.tables if tables is not None else ())
+        optimizer = EagerAdamW(groups, lr=training["lr"], betas=tuple(training["adam_betas"]))
+
+        def schedule(step: int) -> float:
+            return lr_schedule(step, trial.steps, training["warmup_fraction"], training["min_lr_ratio"])
+
+        engine = build_engine(
+            model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            deepspeed_config(training["zero_stage"], micro, accum, training["grad_clip"], precision, world, on_gpu),
+        )
+        directory = Path(config["trial_dir"])
+        worker = cls(trial, data, rank, world, engine, tables, Fault(config.get("fault", ""), trial.trial_id, directory))
+        restored = load_latest_checkpoint(engine)
+        if restored:
+            worker.start_step, worker.state = restored["step"], restored["state"]
+            if tables is not None:
+                tables.load_state_dict(restored["shared"]["expert_tables"])
+        if on_gpu:
+            worker.gpu = GpuMeter(worker.device, worker.flops_per_step / world, worker.state)
+        if rank == 0:
+            worker.log = MetricsLog(directory / METRICS_FILE, truncate_after_step=worker.start_step)
+            worker.mirror = WandbMirror.start(trial, trial_row(trial, {"status": "running"}), config["results_dir"],
+                                              **config["wandb"], resumed=worker.start_step > 0)
+        return worker
+
+    def schedule(self, step: int) -> float:
+        """The lr multiplier at optimizer step `step` (0-based)."""
+        t = self.training
+        return lr_schedule(step, self.total_steps, t["warmup_fraction"], t["min_lr_ratio"])
+
+    def run(self) -> dict[str, Any]:
+        """Trains from the restored step to the horizon; returns the summary (rank 0's is the trial's)."""
+        trial, training, state = self.trial, self.training, self.state
+        last_eval: dict[str, Any] = {}
+        status, error = "completed", None
+        step = self.start_step
+        train_loss = None
+        try:
+            while step < self.total_steps:
+                self.fault.before_step(step, self.rank)
+                tick = time.perf_counter()
+                step_loss = self.train_step(step)
+                train_loss = step_loss.item()  # the step's one host sync (it waits for the device's work)
+                step_seconds = time.perf_counter() - tick
+                state["train_seconds"] += step_seconds
+                step += 1
+                if state["first_loss"] is None:
+                    state["first_loss"] = train_loss
+                record = {"step": step, "tokens": step * trial.batch_tokens, "flops": step * self.flops_per_step,
+                          "seconds": state["train_seconds"], "train_loss": train_loss,
+                          "lr": training["lr"] * self.schedule(step - 1),
+                          **(self.gpu.step(step_seconds) if self.gpu else {})}
+                if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
+                    raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
+                if step in self.eval_steps:
+                    last_eval = self.evaluation_results(self.evaluate())
+                    record.update(last_eval)
+                if self.log is not None:
+                    self.log.append(record)
+                    self.mirror.log(record)
+                if step in self.checkpoint_steps:
+                    self.checkpoint(step, train_loss)
+        except DivergedError as e:
+            status, error = "diverged", f"diverged: {e}"
+            if self.log is not None:
+                self.log.append({"step": step, "tokens": step * trial.batch_tokens, "flops": step * self.flops_per_step,
+                                 "seconds": state["train_seconds"], "train_loss": train_loss, "diverged": True})
+
+        if status == "completed" and not last_eval:
+            # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
+            last_eval = self.evaluation_results(self.evaluate())
+        return self.summary(step, status, error, last_eval)
+
+    def train_step(self, step: int):
+        """One optimizer step over this rank's share of the global batch: the step's mean loss over all ranks,
+        a float64 scalar on the device (nothing is read to the host here)."""
+        import torch
+        import torch.nn.functional as F
+
+        engine = self.engine
+        inputs, targets = self.batches.batch(step)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for x, y in zip(inputs.split(self.micro), targets.split(self.micro)):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            logits = engine(x)
+            loss = self.fault.poison(step, F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().double() / self.accum
+        if self.tables is not None:
+            self.tables.step(self.training["lr"] * self.schedule(step))
+        return self.all_reduce(step_loss) / self.world
+
+    def all_reduce(self, tensor):
+        """The sum of `tensor` over the ranks, in place; the tensor must be on the loop's device."""
+        import torch.distributed as dist
+
+        assert tensor.device == self.device, (tensor.device, self.device)
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def evaluate(self) -> dict[str, Any]:
+        """Scores this rank's share of every evaluation set (and, on the primary set, the router scores) and
+        sums them over the ranks: {"sums": [sets, 4] (EVALUATION_SUMS per set), "routing": [per sparse layer]},
+        device tensors that `evaluation_results` reads."""
+        import torch
+
+        from .data.evaluate import evaluation_sums
+
+        module, data, trial = self.engine.module, self.data, self.trial
+        sums, routing = [], []
         for name, tokens in data.eval_sets.items():
             module.collect_routing_stats(name == data.primary)
-            out = evaluate_lm(module, tokens, trial.seq_len, eval_batch, data_spec["eval_tokens"], data.token_bytes, device)
+            sums.append(evaluation_sums(module, tokens, trial.seq_len, self.eval_batch, trial.data["eval_tokens"],
+                                        data.token_bytes, self.device, self.rank, self.world))
             if name == data.primary:
-                results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(module.routing_scores()))
-            results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
+                routing = [scores.clone() for scores in module.routing_scores()]
         module.collect_routing_stats(False)
+        packed = torch.cat([torch.stack(sums).flatten(), *routing])  # one collective, one host read
+        return {"packed": self.all_reduce(packed), "sets": len(sums), "routing": [len(r) for r in routing]}
+
+    def evaluation_results(self, evaluated: dict[str, Any]) -> dict[str, Any]:
+        """loss, ppl, usage and unevenness on the primary set, ppl_<set> and bpb_<set> on every set."""
+        from model import summarize_routing
+
+        from .data.evaluate import EVALUATION_SUMS, evaluation_metrics
+
+        packed = evaluated["packed"].cpu()
+        n_sums = evaluated["sets"] * len(EVALUATION_SUMS)
+        sums, routing = packed[:n_sums].view(evaluated["sets"], -1), packed[n_sums:].split(evaluated["routing"])
+        results: dict[str, Any] = {}
+        for name, set_sums in zip(self.data.eval_sets, sums):
+            out = evaluation_metrics(set_sums)
+            if name == self.data.primary:
+                results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(list(routing)))
+            results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
         return results
 
-    fault = Fault(config.get("fault", ""), trial.trial_id, directory)
-    gpu = GpuMeter(device, flops_per_step / world, state) if on_gpu else None
-    step = start_step
-    try:
-        while step < total_steps:
-            fault.before_step(step, rank)
-            tick = time.perf_counter()
-            inputs, targets = batches.batch(step)
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for x, y in zip(inputs.split(micro), targets.split(micro)):
-                x, y = x.to(device), y.to(device)
-                logits = engine(x)
-                loss = fault.poison(step, F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.detach().double().cpu() / accum
-            if tables is not None:
-                tables.step(training["lr"] * schedule(step))
-            if world > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= world
-            step_seconds = time.perf_counter() - tick
-            state["train_seconds"] += step_seconds
-            step += 1
-            train_loss = float(step_loss)
-            if state["first_loss"] is None:
-                state["first_loss"] = train_loss
-            record = {"step": step, "tokens": step * trial.batch_tokens, "flops": step * flops_per_step,
-                      "seconds": state["train_seconds"], "train_loss": train_loss,
-                      "lr": training["lr"] * schedule(step - 1), **(gpu.step(step_seconds) if gpu else {})}
-            if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
-                raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
-            if step in eval_steps:
-                last_eval = evaluate()
-                record.update(last_eval)
-            if log is not None:
-                log.append(record)
-                mirror.log(record)
-            if step in checkpoint_steps:
-                save_checkpoint(engine, step, state, {"step": step, "train_loss": train_loss},
-                                shared={"expert_tables": tables.state_dict()} if tables is not None else None)
-    except DivergedError as e:
-        status, error = "diverged", f"diverged: {e}"
-        if log is not None:
-            log.append({"step": step, "tokens": step * trial.batch_tokens, "flops": step * flops_per_step,
-                        "seconds": state["train_seconds"], "train_loss": float(step_loss), "diverged": True})
+    def checkpoint(self, step: int, train_loss: float) -> None:
+        """Saves the engine (all ranks) and the state outside it, reporting the step's loss with it."""
+        from cluster.checkpointing import save_checkpoint
 
-    if status == "completed" and not last_eval:
-        # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
-        last_eval = evaluate()
+        tables = self.tables
+        save_checkpoint(self.engine, step, self.state, {"step": step, "train_loss": train_loss},
+                        shared={"expert_tables": tables.state_dict()} if tables is not None else None)
 
-    nodes = [current_node_id()]
-    if world > 1:
-        nodes = [None] * world
-        dist.all_gather_object(nodes, current_node_id())
-    if mirror is not None:
-        mirror.finish(last_eval, status)
-    if log is not None:
-        log.close()
-    summary = {
-        "status": status, "error": error, "train_seconds": state["train_seconds"],
-        "tokens_per_second": step * trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
-        "ray_nodes": sorted(set(nodes)),
-    }
-    if gpu is not None:
-        summary.update(gpu.summary(step, state["train_seconds"]))
-    if status == "completed":
-        summary.update(last_eval)
-    return summary
+    def summary(self, step: int, status: str, error: str | None, last_eval: dict[str, Any]) -> dict[str, Any]:
+        """Closes the record and the mirror; the trial's summary (the nodes its workers ran on gathered)."""
+        import torch.distributed as dist
+
+        from cluster.runtime import current_node_id
+
+        state, world = self.state, self.world
+        nodes = [current_node_id()]
+        if world > 1:
+            nodes = [None] * world
+            dist.all_gather_object(nodes, current_node_id())
+        if self.mirror is not None:
+            self.mirror.finish(last_eval, status)
+        if self.log is not None:
+            self.log.close()
+        summary = {
+            "status": status, "error": error, "train_seconds": state["train_seconds"],
+            "tokens_per_second": step * self.trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
+            "ray_nodes": sorted(set(nodes)),
+        }
+        if self.gpu is not None:
+            summary.update(self.gpu.summary(step, state["train_seconds"]))
+        if status == "completed":
+            summary.update(last_eval)
+        return summary

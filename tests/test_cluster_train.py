@@ -61,6 +61,17 @@ def test_worker_error_is_raised_with_its_message(session):
     assert "injected failure" in info.value.worker_errors[0]
 
 
+def test_error_that_will_recur_fails_the_job_without_retries(session, tmp_path):
+    """A ValueError on every rank (as a TypeError or a dtype mismatch would) is the job's own code: with
+    max_failures=2 Ray Train would start the group three times; the job fails after the first."""
+    attempts = tmp_path / "attempts"
+    with pytest.raises(TrainJobError) as info:
+        run_train_job(mlp_regression_loop, {**LOOP, "raise_at_step": 1, "attempts_file": str(attempts)},
+                      run_name="recurs", storage_path=session.storage_path, num_workers=1, max_failures=2)
+    assert attempts.read_text().count("start") == 1
+    assert "ValueError: injected failure at step 1 on rank 0" in info.value.worker_errors[0]
+
+
 def test_nested_session_reuses_ray_and_leaves_it_running(session, tmp_path):
     with ray_session("auto", storage_path=tmp_path / "runs") as inner:
         assert not inner.owns_cluster and inner.num_cpus == 2

@@ -22,30 +22,53 @@ def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_
     bits per byte (as nanochat does), keeping bpb comparable across tokenizers. Loss and perplexity count
     every target.
     """
+    return evaluation_metrics(evaluation_sums(model, tokens, seq_len, batch_size, max_tokens, token_bytes, device))
+
+
+EVALUATION_SUMS = ("nats", "text_nats", "bytes", "targets")
+
+
+@torch.no_grad()
+def evaluation_sums(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int,
+                    token_bytes: np.ndarray, device: str | torch.device = "cpu", rank: int = 0,
+                    world_size: int = 1) -> torch.Tensor:
+    """The sums `evaluate_lm` divides (EVALUATION_SUMS, float64 [4] on `device`, never read to the host) over
+    rank `rank`'s share of the windows: windows rank, rank + world_size, ... Every rank runs the same number of
+    forward passes (ZeRO-3 gathers parameters in each): a rank with one window fewer scores window 0 again
+    with weight 0. All-reduce the sums over ranks, then `evaluation_metrics`."""
     n_windows = min(max_tokens, len(tokens)) // (seq_len + 1)
     if n_windows == 0:
         raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens to evaluate, got {min(max_tokens, len(tokens))}")
     windows = torch.from_numpy(np.asarray(tokens[: n_windows * (seq_len + 1)], dtype=np.int64)).view(n_windows, seq_len + 1)
-    nbytes = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64))
+    share = torch.arange(rank, n_windows, world_size)
+    per_rank = -(-n_windows // world_size)
+    weights = torch.cat([torch.ones(len(share), dtype=torch.float64), torch.zeros(per_rank - len(share), dtype=torch.float64)])
+    share = torch.cat([share, share.new_zeros(per_rank - len(share))])
+    nbytes = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64)).to(device)
+    sums = torch.zeros(len(EVALUATION_SUMS), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    total_nats, text_nats, total_bytes = 0.0, 0.0, 0
     try:
-        for batch in windows.split(batch_size):
-            batch = batch.to(device)
+        for rows, weight in zip(share.split(batch_size), weights.split(batch_size)):
+            batch, weight = windows[rows].to(device), weight.to(device)
             logits = model(batch[:, :-1])  # (B, T, V)
             targets = batch[:, 1:]  # (B, T)
-            nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-            target_bytes = nbytes.to(device)[targets.flatten()]
-            total_nats += nats.double().sum().item()
-            text_nats += nats.double()[target_bytes > 0].sum().item()
-            total_bytes += int(target_bytes.sum().item())
+            nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").double()
+            nats = nats * weight.repeat_interleave(seq_len)
+            target_bytes = nbytes[targets.flatten()] * weight.repeat_interleave(seq_len)
+            text_nats = torch.where(target_bytes > 0, nats, 0.0)  # a mask, not a selection: no host sync
+            sums += torch.stack([nats.sum(), text_nats.sum(), target_bytes.sum(), weight.sum() * seq_len])
     finally:
         model.train(was_training)
-    n_targets = n_windows * seq_len
-    loss = total_nats / n_targets
+    return sums
+
+
+def evaluation_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """loss, ppl, bpb and tokens (targets scored) from the sums of `evaluation_sums` (one host read)."""
+    nats, text_nats, total_bytes, targets = sums.tolist()
+    loss = nats / targets
     return {"loss": loss, "ppl": math.exp(loss), "bpb": text_nats / math.log(2) / max(total_bytes, 1),
-            "tokens": float(n_targets)}
+            "tokens": targets}
 
 
 class TrainBatches:

@@ -136,11 +136,15 @@ def _sparse_layer(cfg: ModelConfig, tokens: int, w: int, zero_stage: int, row_sp
     retrieval = 2 * tokens * (M if isinstance(s, PEERConfig) else s.top_k) * (s.query_dim // 2) * w
     if isinstance(s, PKMConfig):
         return saved, max(retrieval, table)
-    unique = min(tokens * M, s.num_experts) * d * (4 if row_sparse else w)
-    contributions = tokens * M * d * (4 if row_sparse else w)
+    if not row_sparse:
+        # the torch kernels (GPUs' path) sum each table's gradient into a dense N x d buffer in fp32 by
+        # embedding_bag's per-sample-weight backward (no [tokens, h k, d] tensor), then cast it to the table's dtype
+        tables_fp32 = 2 * s.num_experts * d * 4
+        return saved, max(tables_fp32 + (2 * table if w != 4 else 0), retrieval)
+    unique = min(tokens * M, s.num_experts) * d * 4
+    contributions = tokens * M * d * 4
     row_grads = max(2 * contributions + unique, contributions + 2 * unique)
-    dense_grads = 0.0 if row_sparse else 2 * table
-    return saved, max(row_grads, 2 * unique + dense_grads, retrieval)
+    return saved, max(row_grads, 2 * unique, retrieval)
 
 
 def _two_largest_parameters(cfg: ModelConfig) -> tuple[int, int]:

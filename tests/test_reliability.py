@@ -286,10 +286,12 @@ class _KilledBeforeRename(Exception):
     pass
 
 
-def _leave_half_written_files(out: Path, study: Path, monkeypatch) -> list[Path]:
+def _leave_half_written_files(out: Path, study: Path, monkeypatch, writer_pid: int) -> list[Path]:
     """Every kind of file a writer killed before its rename leaves in a results directory, each left by the
-    real writer (os.replace made to fail for the file it writes): the study file, a trial's record, both
-    Parquet files, a trial's config.json and its metrics.jsonl. Returns the files left."""
+    real writer (os.replace made to fail for the file it writes) as process `writer_pid` would have named
+    it (not this process: the next run would write, and so rename, a temporary file of its own pid): the
+    study file, a trial's record, both Parquet files, a trial's config.json and its metrics.jsonl. Returns
+    the files left."""
     from peer_sweeps.results import ResultsDir, write_atomic
     from peer_sweeps.study import load_and_plan
     from peer_sweeps.tracking import MetricsLog
@@ -318,6 +320,7 @@ def _leave_half_written_files(out: Path, study: Path, monkeypatch) -> list[Path]
         before = set(out.rglob("*"))
         with monkeypatch.context() as patch:
             patch.setattr(os, "replace", killed_at_rename)
+            patch.setattr(os, "getpid", lambda: writer_pid)
             with pytest.raises(_KilledBeforeRename):
                 write()
         new = set(out.rglob("*")) - before
@@ -404,7 +407,7 @@ def test_failed_and_diverged_trials_and_unusable_wandb(small_study, tmp_path, mo
     # trained: were it, Ray would start here), and every half-written file is gone.
     records = {path.name: path.read_bytes() for path in (out / "results").glob("*.json")}
     metrics = {tid: (out / "trials" / tid / "metrics.jsonl").read_bytes() for tid in rows}
-    left = _leave_half_written_files(out, study, monkeypatch)
+    left = _leave_half_written_files(out, study, monkeypatch, writer_pid=proc.pid)  # run 2's
     monkeypatch.setattr(peer_sweeps.runner, "_run_tune", lambda *a, **k: pytest.fail("a done trial was retried"))
     run3 = _cli("run", str(study), "--out", str(out), "--max-concurrent", "1")
     assert run3.exit_code == 0, run3.output

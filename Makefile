@@ -8,7 +8,7 @@ TORCH_CPU_VERSION ?= 2.13.0
 INSTALLED := $(VENV)/.installed
 STUDY ?= studies/isoflop.yaml
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast golden bench clean
 
 install: $(INSTALLED)
 
@@ -29,6 +29,10 @@ test: $(INSTALLED)
 
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -q -m "not slow"
+
+# Regenerate tests/golden/ after a deliberate change of the computation (the tests only compare).
+golden: $(INSTALLED)
+	$(PY) tests/update_golden.py
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/peer_layer.py

@@ -30,7 +30,9 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r["step"] <= truncate_after_step] if truncate_after_step else []
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        # Named like every other temporary file here (`.<name>.tmp<pid>`): what a killed writer leaves, the next
+        # run's clean-up removes (peer_sweeps.results.ResultsDir.remove_partial_files).
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         self._file = self.path.open("a")

@@ -10,6 +10,7 @@ Tune and Ray entry points raise if a case gets that far.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,11 @@ ARGUMENT_CASES = [
       "(--no-prepare): run `peer-sweeps data prepare --study {tmp}/unprepared.yaml`"]),
     ("plan-check-data-no-prepare", ["plan", "{tmp}/unprepared.yaml", "--check-data", "--no-prepare"],
      ["{tmp}/unprepared.yaml: data.suite: ", "(--no-prepare): run `peer-sweeps data prepare --study"]),
+    ("prepare-study-missing", ["data", "prepare", "--study", "{tmp}/absent.yaml"], ["{tmp}/absent.yaml: no such file"]),
+    ("prepare-study-infeasible", ["data", "prepare", "--study", "{tmp}/bad.yaml"], ["{tmp}/bad.yaml: ", "perfect square"]),
+    ("prepare-unknown-suite", ["data", "prepare", "--suite", "fixtrue"], ["unknown data suite 'fixtrue'"]),
+    ("prepare-vocab-too-small", ["data", "prepare", "--suite", "fixture", "--vocab-size", "1"],
+     ["vocab size must be an integer of at least 258, got 1"]),
 ]
 
 
@@ -259,6 +265,14 @@ def test_bad_arguments_exit_2_with_one_line_and_write_nothing(case, workspace, d
 def test_cases_cover_the_issue_list():
     """At least 20 malformed inputs, as the issue asks (here: every case above)."""
     assert len(STUDY_CASES) + len(ARGUMENT_CASES) >= 20
+
+
+def test_readme_counts_these_cases():
+    """README's failure section states how many malformed inputs this file checks."""
+    found = re.search(r"(\d+) malformed inputs \((\d+) study files, (\d+) argument", (REPO / "README.md").read_text())
+    assert found, "README no longer counts the malformed inputs"
+    total, studies, arguments = map(int, found.groups())
+    assert (total, studies, arguments) == (len(STUDY_CASES) + len(ARGUMENT_CASES), len(STUDY_CASES), len(ARGUMENT_CASES))
 
 
 SUBPROCESS_CASES = ["yaml-syntax", "experts-not-square", "study-path-through-a-file", "max-concurrent-zero"]

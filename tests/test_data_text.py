@@ -49,8 +49,10 @@ def test_local_files_read_text_jsonl_and_parquet(tmp_path):
         LocalFiles("m", (str(tmp_path / "missing.txt"),)).documents(tmp_path)
 
 
-def test_hf_dataset_reads_local_data_files(tmp_path):
-    pytest.importorskip("datasets")
+def test_hf_dataset_reads_local_data_files(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # not ~/.cache
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
     source = HFDataset("hf", "json", data_files=(str(path),), max_documents=3)

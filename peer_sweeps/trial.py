@@ -184,141 +184,187 @@ class Fault:
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker; returns the trial summary (from rank 0)."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+    return TrialWorker(config).run()
 
-    from cluster.checkpointing import load_latest_checkpoint, save_checkpoint, world_rank, world_size
-    from cluster.deepspeed_config import build_engine, deepspeed_config
-    from cluster.eager_adamw import EagerAdamW
-    from cluster.runtime import current_node_id
-    from model import build_model, summarize_routing
-    from model.sparse_adam import ExpertTableOptimizer
 
-    from .data import TrainBatches, evaluate_lm, load_suite
-    from .tracking import MetricsLog, WandbMirror
+class TrialWorker:
+    """One worker's share of a trial, in the parts a step of training is made of: set-up (`__init__`: data,
+    model, engine, restored checkpoint), `train_step`, `evaluate`, `checkpoint`, and `summary`; `run` drives
+    them from the restored step to the trial's horizon."""
 
-    trial = Trial.from_json(config["trial"])
-    training, data_spec = trial.training, trial.data
-    rank, world = world_rank(), world_size()
-    on_gpu = torch.cuda.is_available() and trial.resources["gpus_per_worker"] > 0
-    precision = training["precision"] if training["precision"] != "auto" else ("bf16" if on_gpu else "fp32")
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(trial.seed)
+    def __init__(self, config: dict[str, Any]):
+        import torch
 
-    data = load_suite(data_spec["suite"], config["data_root"], data_spec["vocab_size"])
-    cfg = trial.model_config
-    model = build_model(cfg)
-    sequences = trial.batch_tokens // trial.seq_len
-    per_rank = sequences // world
-    micro = training["micro_batch_size"] or per_rank
-    accum = per_rank // micro
-    total_steps = trial.steps
+        from cluster.checkpointing import load_latest_checkpoint, world_rank, world_size
+        from cluster.deepspeed_config import build_engine, deepspeed_config
+        from cluster.eager_adamw import EagerAdamW
+        from model import build_model
+        from model.sparse_adam import ExpertTableOptimizer
 
-    tables = None
-    if training.get("expert_tables") == "row_sparse":  # fp32 and ZeRO 1-2: checked when the study was loaded
-        tables = ExpertTableOptimizer(model, lr=training["lr"], betas=tuple(training["adam_betas"]),
-                                      weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
-    groups = param_groups(model, training["weight_decay"], exclude=tables.tables if tables is not None else ())
-    optimizer = EagerAdamW(groups, lr=training["lr"], betas=tuple(training["adam_betas"]))
-    schedule = lambda step: lr_schedule(step, total_steps, training["warmup_fraction"], training["min_lr_ratio"])  # noqa: E731
-    engine = build_engine(
-        model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        deepspeed_config(training["zero_stage"], micro, accum, training["grad_clip"], precision, world, on_gpu),
-    )
-    device = engine.device
-    restored = load_latest_checkpoint(engine)
-    start_step = restored["step"] if restored else 0
-    state = restored["state"] if restored else {"train_seconds": 0.0, "first_loss": None}
-    if restored and tables is not None:
-        tables.load_state_dict(restored["shared"]["expert_tables"])
+        from .data import TrainBatches, load_suite
+        from .tracking import MetricsLog, WandbMirror
 
-    directory = Path(config["trial_dir"])
-    log = MetricsLog(directory / METRICS_FILE, truncate_after_step=start_step) if rank == 0 else None
-    mirror = WandbMirror.start(trial, config["results_dir"], **config["wandb"], resumed=start_step > 0) if rank == 0 else None
+        self.trial = trial = Trial.from_json(config["trial"])
+        self.training = training = trial.training
+        self.rank, self.world = rank, world = world_rank(), world_size()
+        on_gpu = torch.cuda.is_available() and trial.resources["gpus_per_worker"] > 0
+        precision = training["precision"] if training["precision"] != "auto" else ("bf16" if on_gpu else "fp32")
+        torch.set_num_threads(config["threads"])
+        torch.manual_seed(trial.seed)
 
-    batches = TrainBatches(data.train, trial.seq_len, sequences, trial.seed, rank, world)
-    eval_steps = evenly_spaced_steps(total_steps, training["evals"])
-    checkpoint_steps = evenly_spaced_steps(total_steps, training["checkpoints"])
-    flops_per_step = trial.train_flops_per_token * trial.batch_tokens
-    eval_batch = max(1, min(16, sequences))
-    last_eval: dict[str, Any] = {}
-    status, error = "completed", None
+        self.data = load_suite(trial.data["suite"], config["data_root"], trial.data["vocab_size"])
+        model = build_model(trial.model_config)
+        self.sequences = sequences = trial.batch_tokens // trial.seq_len
+        per_rank = sequences // world
+        self.micro = micro = training["micro_batch_size"] or per_rank
+        self.accum = accum = per_rank // micro
+        self.total_steps = total_steps = trial.steps
 
-    def evaluate() -> dict[str, Any]:
+        self.tables = tables = None
+        if training.get("expert_tables") == "row_sparse":  # fp32 and ZeRO 1-2: checked when the study was loaded
+            self.tables = tables = ExpertTableOptimizer(
+                model, lr=training["lr"], betas=tuple(training["adam_betas"]),
+                weight_decay=training["weight_decay"], grad_clip=training["grad_clip"])
+        groups = param_groups(model, training["weight_decay"], exclude=tables.tables if tables is not None else ())
+        optimizer = EagerAdamW(groups, lr=training["lr"], betas=tuple(training["adam_betas"]))
+        self.engine = engine = build_engine(
+            model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step)),
+            deepspeed_config(training["zero_stage"], micro, accum, training["grad_clip"], precision, world, on_gpu),
+        )
+        self.device = engine.device
+        restored = load_latest_checkpoint(engine)
+        self.start_step = restored["step"] if restored else 0
+        self.state = restored["state"] if restored else {"train_seconds": 0.0, "first_loss": None}
+        if restored and tables is not None:
+            tables.load_state_dict(restored["shared"]["expert_tables"])
+
+        self.directory = directory = Path(config["trial_dir"])
+        self.log = MetricsLog(directory / METRICS_FILE, truncate_after_step=self.start_step) if rank == 0 else None
+        self.mirror = (WandbMirror.start(trial, config["results_dir"], **config["wandb"], resumed=self.start_step > 0)
+                       if rank == 0 else None)
+
+        self.batches = TrainBatches(self.data.train, trial.seq_len, sequences, trial.seed, rank, world)
+        self.eval_steps = evenly_spaced_steps(total_steps, training["evals"])
+        self.checkpoint_steps = evenly_spaced_steps(total_steps, training["checkpoints"])
+        self.flops_per_step = trial.train_flops_per_token * trial.batch_tokens
+        self.eval_batch = max(1, min(16, sequences))
+        self.fault = Fault(config.get("fault", ""), trial.trial_id, directory)
+
+    def schedule(self, step: int) -> float:
+        """The lr multiplier at optimizer step `step` (0-based)."""
+        t = self.training
+        return lr_schedule(step, self.total_steps, t["warmup_fraction"], t["min_lr_ratio"])
+
+    def run(self) -> dict[str, Any]:
+        """Trains from the restored step to the horizon; returns the summary (rank 0's is the trial's)."""
+        trial, training, state = self.trial, self.training, self.state
+        last_eval: dict[str, Any] = {}
+        status, error = "completed", None
+        step = self.start_step
+        step_loss = None
+        try:
+            while step < self.total_steps:
+                self.fault.before_step(step, self.rank)
+                tick = time.perf_counter()
+                step_loss = self.train_step(step)
+                state["train_seconds"] += time.perf_counter() - tick
+                step += 1
+                train_loss = float(step_loss)
+                if state["first_loss"] is None:
+                    state["first_loss"] = train_loss
+                record = {"step": step, "tokens": step * trial.batch_tokens, "flops": step * self.flops_per_step,
+                          "seconds": state["train_seconds"], "train_loss": train_loss,
+                          "lr": training["lr"] * self.schedule(step - 1)}
+                if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
+                    raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
+                if step in self.eval_steps:
+                    last_eval = self.evaluate()
+                    record.update(last_eval)
+                if self.log is not None:
+                    self.log.append(record)
+                    self.mirror.log(record)
+                if step in self.checkpoint_steps:
+                    self.checkpoint(step, train_loss)
+        except DivergedError as e:
+            status, error = "diverged", f"diverged: {e}"
+            if self.log is not None:
+                self.log.append({"step": step, "tokens": step * trial.batch_tokens, "flops": step * self.flops_per_step,
+                                 "seconds": state["train_seconds"], "train_loss": float(step_loss), "diverged": True})
+
+        if status == "completed" and not last_eval:
+            # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
+            last_eval = self.evaluate()
+        return self.summary(step, status, error, last_eval)
+
+    def train_step(self, step: int):
+        """One optimizer step over this rank's share of the global batch; the step's mean loss over all ranks."""
+        import torch
+        import torch.distributed as dist
+        import torch.nn.functional as F
+
+        engine = self.engine
+        inputs, targets = self.batches.batch(step)
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for x, y in zip(inputs.split(self.micro), targets.split(self.micro)):
+            x, y = x.to(self.device), y.to(self.device)
+            logits = engine(x)
+            loss = self.fault.poison(step, F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().double().cpu() / self.accum
+        if self.tables is not None:
+            self.tables.step(self.training["lr"] * self.schedule(step))
+        if self.world > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= self.world
+        return step_loss
+
+    def evaluate(self) -> dict[str, Any]:
+        """Loss, perplexity and bits per byte of every evaluation set; routing usage on the primary one."""
+        from model import summarize_routing
+
+        from .data import evaluate_lm
+
         results: dict[str, Any] = {}
-        module = engine.module
+        module, data, trial = self.engine.module, self.data, self.trial
         for name, tokens in data.eval_sets.items():
             module.collect_routing_stats(name == data.primary)
-            out = evaluate_lm(module, tokens, trial.seq_len, eval_batch, data_spec["eval_tokens"], data.token_bytes, device)
+            out = evaluate_lm(module, tokens, trial.seq_len, self.eval_batch, trial.data["eval_tokens"],
+                              data.token_bytes, self.device)
             if name == data.primary:
                 results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(module.routing_scores()))
             results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
         module.collect_routing_stats(False)
         return results
 
-    fault = Fault(config.get("fault", ""), trial.trial_id, directory)
-    step = start_step
-    try:
-        while step < total_steps:
-            fault.before_step(step, rank)
-            tick = time.perf_counter()
-            inputs, targets = batches.batch(step)
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for x, y in zip(inputs.split(micro), targets.split(micro)):
-                x, y = x.to(device), y.to(device)
-                logits = engine(x)
-                loss = fault.poison(step, F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.detach().double().cpu() / accum
-            if tables is not None:
-                tables.step(training["lr"] * schedule(step))
-            if world > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= world
-            state["train_seconds"] += time.perf_counter() - tick
-            step += 1
-            train_loss = float(step_loss)
-            if state["first_loss"] is None:
-                state["first_loss"] = train_loss
-            record = {"step": step, "tokens": step * trial.batch_tokens, "flops": step * flops_per_step,
-                      "seconds": state["train_seconds"], "train_loss": train_loss,
-                      "lr": training["lr"] * schedule(step - 1)}
-            if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
-                raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
-            if step in eval_steps:
-                last_eval = evaluate()
-                record.update(last_eval)
-            if log is not None:
-                log.append(record)
-                mirror.log(record)
-            if step in checkpoint_steps:
-                save_checkpoint(engine, step, state, {"step": step, "train_loss": train_loss},
-                                shared={"expert_tables": tables.state_dict()} if tables is not None else None)
-    except DivergedError as e:
-        status, error = "diverged", f"diverged: {e}"
-        if log is not None:
-            log.append({"step": step, "tokens": step * trial.batch_tokens, "flops": step * flops_per_step,
-                        "seconds": state["train_seconds"], "train_loss": float(step_loss), "diverged": True})
+    def checkpoint(self, step: int, train_loss: float) -> None:
+        """Saves the engine (all ranks) and the state outside it, reporting the step's loss with it."""
+        from cluster.checkpointing import save_checkpoint
 
-    if status == "completed" and not last_eval:
-        # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
-        last_eval = evaluate()
+        tables = self.tables
+        save_checkpoint(self.engine, step, self.state, {"step": step, "train_loss": train_loss},
+                        shared={"expert_tables": tables.state_dict()} if tables is not None else None)
 
-    nodes = [current_node_id()]
-    if world > 1:
-        nodes = [None] * world
-        dist.all_gather_object(nodes, current_node_id())
-    if mirror is not None:
-        mirror.finish(last_eval, status)
-    if log is not None:
-        log.close()
-    summary = {
-        "status": status, "error": error, "train_seconds": state["train_seconds"],
-        "tokens_per_second": step * trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
-        "ray_nodes": sorted(set(nodes)),
-    }
-    if status == "completed":
-        summary.update(last_eval)
-    return summary
+    def summary(self, step: int, status: str, error: str | None, last_eval: dict[str, Any]) -> dict[str, Any]:
+        """Closes the record and the mirror; the trial's summary (the nodes its workers ran on gathered)."""
+        import torch.distributed as dist
+
+        from cluster.runtime import current_node_id
+
+        state, world = self.state, self.world
+        nodes = [current_node_id()]
+        if world > 1:
+            nodes = [None] * world
+            dist.all_gather_object(nodes, current_node_id())
+        if self.mirror is not None:
+            self.mirror.finish(last_eval, status)
+        if self.log is not None:
+            self.log.close()
+        summary = {
+            "status": status, "error": error, "train_seconds": state["train_seconds"],
+            "tokens_per_second": step * self.trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
+            "ray_nodes": sorted(set(nodes)),
+        }
+        if status == "completed":
+            summary.update(last_eval)
+        return summary

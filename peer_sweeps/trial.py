@@ -10,6 +10,11 @@ gradient clipping, the global batch split over ranks (the same global batch what
 evaluation of every set at evenly spaced steps, checkpoints saved by DeepSpeed on all ranks, divergence
 detection. Rank 0 appends every step to `trials/<id>/metrics.jsonl` (the source of truth) and mirrors it to
 W&B (see peer_sweeps.tracking).
+
+Timing: the row's `wall_seconds` runs from `run_trial`'s call to its row (handed to the driver, which writes
+it at once); the row's `timings` (kept in results/<id>.json, not in trials.parquet) holds the wall-clock
+timestamps of the trial's parts, driver side and rank 0's (and the driving process's pid), which
+benchmarks/small_trials.py takes apart.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
 
     from .data import default_root
 
+    timings = {"trial_started": time.time(), "driver_pid": os.getpid()}
     results_dir = Path(results_dir).resolve()
     directory = trial_dir(results_dir, trial.trial_id)
     directory.mkdir(parents=True, exist_ok=True)
@@ -61,6 +67,7 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
         "data_root": str(Path(data_root or trial.data["root"] or default_root()).resolve()),
         "fault": os.environ.get("PEER_SWEEPS_FAULT", ""),
     }
+    timings["job_started"] = time.time()
     try:
         job = run_train_job(
             train_loop, loop_config,
@@ -76,7 +83,8 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
         summary = {"status": "failed", "error": _last_line(str(e), e.worker_errors)}
     except Exception as e:  # the job could not even start: still a recorded failure, the study goes on
         summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    return trial_row(trial, summary, attempt)
+    timings["job_returned"] = time.time()
+    return trial_row(trial, summary, attempt, {**timings, **summary.get("timings", {})})
 
 
 def _last_line(message: str, worker_errors: dict[int, str]) -> str:
@@ -87,8 +95,10 @@ def _last_line(message: str, worker_errors: dict[int, str]) -> str:
     return message[:2000]
 
 
-def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
-    """A trials.parquet row: the plan's columns, then what training measured (null where not measured)."""
+def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1,
+              timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """A trials.parquet row: the plan's columns, then what training measured (null where not measured).
+    `timings`: wall-clock timestamps of the trial's parts, "trial_started" among them (-> `wall_seconds`)."""
     model = trial.model
     sparse = model.get("sparse") or {}
     row = {
@@ -109,6 +119,9 @@ def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1) -> dict[s
     for key, value in summary.items():
         if key.startswith(("ppl_", "bpb_")):
             row[key] = value
+    if timings:
+        row["timings"] = {**timings, "row_built": time.time()}
+        row["wall_seconds"] = row["timings"]["row_built"] - timings["trial_started"]
     return row
 
 
@@ -193,6 +206,9 @@ class TrialWorker:
     them from the restored step to the trial's horizon."""
 
     def __init__(self, config: dict[str, Any]):
+        # Wall-clock timestamps of the set-up's parts, and seconds spent in the loop's parts besides training.
+        self.timings: dict[str, float] = {"worker_started": time.time()}
+        self.spent = {"evaluation_s": 0.0, "checkpoint_s": 0.0, "logging_s": 0.0}
         import torch
 
         from cluster.checkpointing import load_latest_checkpoint, world_rank, world_size
@@ -212,7 +228,9 @@ class TrialWorker:
         torch.set_num_threads(config["threads"])
         torch.manual_seed(trial.seed)
 
+        self.timings["imported"] = time.time()
         self.data = load_suite(trial.data["suite"], config["data_root"], trial.data["vocab_size"])
+        self.timings["data_loaded"] = time.time()
         model = build_model(trial.model_config)
         self.sequences = sequences = trial.batch_tokens // trial.seq_len
         per_rank = sequences // world
@@ -238,10 +256,12 @@ class TrialWorker:
         if restored and tables is not None:
             tables.load_state_dict(restored["shared"]["expert_tables"])
 
+        self.timings["engine_ready"] = time.time()
         self.directory = directory = Path(config["trial_dir"])
         self.log = MetricsLog(directory / METRICS_FILE, truncate_after_step=self.start_step) if rank == 0 else None
         self.mirror = (WandbMirror.start(trial, config["results_dir"], **config["wandb"], resumed=self.start_step > 0)
                        if rank == 0 else None)
+        self.timings["tracking_started"] = time.time()
 
         self.batches = TrainBatches(self.data.train, trial.seq_len, sequences, trial.seed, rank, world)
         self.eval_steps = evenly_spaced_steps(total_steps, training["evals"])
@@ -249,6 +269,7 @@ class TrialWorker:
         self.flops_per_step = trial.train_flops_per_token * trial.batch_tokens
         self.eval_batch = max(1, min(16, sequences))
         self.fault = Fault(config.get("fault", ""), trial.trial_id, directory)
+        self.timings["setup_done"] = time.time()
 
     def schedule(self, step: int) -> float:
         """The lr multiplier at optimizer step `step` (0-based)."""
@@ -278,13 +299,15 @@ class TrialWorker:
                 if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
                     raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
                 if step in self.eval_steps:
-                    last_eval = self.evaluate()
+                    last_eval = self.timed("evaluation_s", self.evaluate)
                     record.update(last_eval)
                 if self.log is not None:
+                    tick = time.perf_counter()
                     self.log.append(record)
                     self.mirror.log(record)
+                    self.spent["logging_s"] += time.perf_counter() - tick
                 if step in self.checkpoint_steps:
-                    self.checkpoint(step, train_loss)
+                    self.timed("checkpoint_s", self.checkpoint, step, train_loss)
         except DivergedError as e:
             status, error = "diverged", f"diverged: {e}"
             if self.log is not None:
@@ -295,6 +318,14 @@ class TrialWorker:
             # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
             last_eval = self.evaluate()
         return self.summary(step, status, error, last_eval)
+
+    def timed(self, part: str, work, *args):
+        """`work(*args)`, its seconds added to the trial's timings under `part`."""
+        tick = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self.spent[part] += time.perf_counter() - tick
 
     def train_step(self, step: int):
         """One optimizer step over this rank's share of the global batch; the step's mean loss over all ranks."""
@@ -356,14 +387,17 @@ class TrialWorker:
         if world > 1:
             nodes = [None] * world
             dist.all_gather_object(nodes, current_node_id())
+        self.timings["loop_done"] = time.time()
         if self.mirror is not None:
             self.mirror.finish(last_eval, status)
+        self.timings["tracking_finished"] = time.time()
         if self.log is not None:
             self.log.close()
         summary = {
             "status": status, "error": error, "train_seconds": state["train_seconds"],
             "tokens_per_second": step * self.trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
             "ray_nodes": sorted(set(nodes)),
+            "timings": {**self.timings, **self.spent, "train_s": state["train_seconds"], "worker_returned": time.time()},
         }
         if status == "completed":
             summary.update(last_eval)

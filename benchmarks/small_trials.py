@@ -55,10 +55,12 @@ STUDY = ROOT / "studies" / "isoflop.yaml"
 # ------------------------------------------------------------------------------------------ trials phase
 
 
-def subset_study(budget: float, sizes: list[int], methods: list[str] | None, out: Path) -> Path:
+def subset_study(budget: float, sizes: list[int], methods: list[str] | None, out: Path, suite: str = "",
+                 data_root: str = "") -> Path:
     import yaml
 
     study = yaml.safe_load(STUDY.read_text())
+    study["data"].update({"suite": suite} if suite else {}, **({"root": data_root} if data_root else {}))
     if methods:
         study["methods"] = {m: study["methods"][m] for m in methods}
     kept = [s for s in study["design"]["sizes"] if s["d_model"] in sizes and budget in s.get("budgets", [budget])]
@@ -106,7 +108,8 @@ def run_phase(args) -> None:
     from peer_sweeps.study import load_study
 
     work = Path(tempfile.mkdtemp(prefix="small-trials-"))
-    path = subset_study(args.budget, [int(s) for s in args.sizes.split(",")], args.methods.split(",") if args.methods else None, work)
+    path = subset_study(args.budget, [int(s) for s in args.sizes.split(",")], args.methods.split(",") if args.methods else None,
+                        work, args.suite, args.data_root)
     study = load_study(path)
     try:
         load_suite(study.data.suite, study.data.root, study.data.vocab_size)
@@ -314,6 +317,9 @@ def main() -> None:
     phase.add_argument("--budget", type=float, default=1.5e11)
     phase.add_argument("--sizes", default="8,32", help="d_model values of the study's size grid")
     phase.add_argument("--methods", default="", help="comma-separated; default every method of the study")
+    phase.add_argument("--data-root", default="", help="where the data suite is (prepared there if it is not); "
+                       "default the study's, ./data")
+    phase.add_argument("--suite", default="", help="another data suite (e.g. 'fixture' for a quick check)")
     steps = sub.add_parser("steps", help="the study's models' step, --base vs this tree, alternating")
     steps.add_argument("--base", default="b2ef9ce")
     steps.add_argument("--rounds", type=int, default=3)

@@ -134,7 +134,10 @@ def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: 
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": TUNE_TRIAL_CPUS}),
             param_space={"trial": tune.grid_search([t.to_json() for t in pending])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, num_samples=1),
+            # reuse_actors: the next trial runs in the process the last one drove its Train job from (no new
+            # actor process importing the runner, Ray Train and the plan per trial; Train's own workers stay
+            # fresh processes). Tune only reuses an actor whose trial ended cleanly.
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, num_samples=1, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str((results.path / "tune").resolve()),

@@ -44,6 +44,7 @@ _TRIAL_TAIL_FIELDS: list[tuple[str, pa.DataType]] = [
     ("usage", pa.float64()),
     ("unevenness", pa.float64()),
     ("train_seconds", pa.float64()),
+    ("wall_seconds", pa.float64()),  # the trial's start (run_trial called) to its row written
     ("tokens_per_second", pa.float64()),
     ("mfu", pa.float64()),  # model FLOPs utilisation over the trial's training steps (GPU workers; null on CPU)
     ("gpu_memory_gb", pa.float64()),  # peak allocated GPU memory of rank 0 (GPU workers; null on CPU)

@@ -10,6 +10,11 @@ gradient clipping, the global batch split over ranks (the same global batch what
 evaluation of every set at evenly spaced steps, checkpoints saved by DeepSpeed on all ranks, divergence
 detection. Rank 0 appends every step to `trials/<id>/metrics.jsonl` (the source of truth) and mirrors it to
 W&B (see peer_sweeps.tracking).
+
+Timing: the row's `wall_seconds` runs from `run_trial`'s call to its row (handed to the driver, which writes
+it at once); the row's `timings` (kept in results/<id>.json, not in trials.parquet) holds the wall-clock
+timestamps of the trial's parts, driver side and rank 0's (and the driving process's pid), which
+benchmarks/small_trials.py takes apart.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
 
     from .data import default_root
 
+    timings = {"trial_started": time.time(), "driver_pid": os.getpid()}
     results_dir = Path(results_dir).resolve()
     directory = trial_dir(results_dir, trial.trial_id)
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,6 +69,7 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
         "data_root": str(Path(data_root or trial.data["root"] or default_root()).resolve()),
         "fault": os.environ.get("PEER_SWEEPS_FAULT", ""),
     }
+    timings["job_started"] = time.time()
     try:
         job = run_train_job(
             train_loop, loop_config,
@@ -82,7 +89,8 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
         summary = {"status": "failed", "error": _last_line(str(e), e.worker_errors)}
     except Exception as e:  # the job could not even start: still a recorded failure, the study goes on
         summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    return trial_row(trial, summary, attempt)
+    timings["job_returned"] = time.time()
+    return trial_row(trial, summary, attempt, {**timings, **summary.get("timings", {})})
 
 
 def _last_line(message: str, worker_errors: dict[int, str]) -> str:
@@ -93,8 +101,10 @@ def _last_line(message: str, worker_errors: dict[int, str]) -> str:
     return message[:2000]
 
 
-def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
-    """A trials.parquet row: the plan's columns, then what training measured (null where not measured)."""
+def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1,
+              timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """A trials.parquet row: the plan's columns, then what training measured (null where not measured).
+    `timings`: wall-clock timestamps of the trial's parts, "trial_started" among them (-> `wall_seconds`)."""
     model = trial.model
     sparse = model.get("sparse") or {}
     row = {
@@ -116,6 +126,9 @@ def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1) -> dict[s
     for key, value in summary.items():
         if key.startswith(("ppl_", "bpb_")):
             row[key] = value
+    if timings:
+        row["timings"] = {**timings, "row_built": time.time()}
+        row["wall_seconds"] = row["timings"]["row_built"] - timings["trial_started"]
     return row
 
 
@@ -230,11 +243,15 @@ class TrialWorker:
         self.start_step = 0
         self.state: dict[str, Any] = {"train_seconds": 0.0, "first_loss": None}
         self.log = self.mirror = self.gpu = None
+        # Wall-clock timestamps of the set-up's parts, and seconds spent in the loop's parts besides training.
+        self.timings: dict[str, float] = {}
+        self.spent = {"evaluation_s": 0.0, "checkpoint_s": 0.0, "logging_s": 0.0}
 
     @classmethod
     def set_up(cls, config: dict[str, Any]) -> "TrialWorker":
         """The worker of a Ray Train job: its model built on its device, the DeepSpeed engine, the latest
         checkpoint restored, and (rank 0) the metrics record and its W&B mirror opened."""
+        timings = {"worker_started": time.time()}
         import torch
 
         from cluster.checkpointing import load_latest_checkpoint, world_rank, world_size
@@ -255,7 +272,9 @@ class TrialWorker:
         torch.set_num_threads(config["threads"])
         torch.manual_seed(trial.seed)
 
+        timings["imported"] = time.time()
         data = load_suite(trial.data["suite"], config["data_root"], trial.data["vocab_size"])
+        timings["data_loaded"] = time.time()
         model = build_model(trial.model_config, device=worker_device())
         _, micro, accum = batch_geometry(trial, world)
         tables = None
@@ -281,10 +300,13 @@ class TrialWorker:
                 tables.load_state_dict(restored["shared"]["expert_tables"])
         if on_gpu:
             worker.gpu = GpuMeter(worker.device, worker.flops_per_step / world, worker.state)
+        timings["engine_ready"] = time.time()
         if rank == 0:
             worker.log = MetricsLog(directory / METRICS_FILE, truncate_after_step=worker.start_step)
             worker.mirror = WandbMirror.start(trial, trial_row(trial, {"status": "running"}), config["results_dir"],
                                               **config["wandb"], resumed=worker.start_step > 0)
+        timings["tracking_started"] = timings["setup_done"] = time.time()
+        worker.timings = timings
         return worker
 
     def schedule(self, step: int) -> float:
@@ -317,13 +339,15 @@ class TrialWorker:
                 if not math.isfinite(train_loss) or train_loss > training["divergence_factor"] * state["first_loss"]:
                     raise DivergedError(f"loss {train_loss:.4g} at step {step} (first loss {state['first_loss']:.4g})")
                 if step in self.eval_steps:
-                    last_eval = self.evaluation_results(self.evaluate())
+                    last_eval = self.timed("evaluation_s", lambda: self.evaluation_results(self.evaluate()))
                     record.update(last_eval)
                 if self.log is not None:
+                    tick = time.perf_counter()
                     self.log.append(record)
                     self.mirror.log(record)
+                    self.spent["logging_s"] += time.perf_counter() - tick
                 if step in self.checkpoint_steps:
-                    self.checkpoint(step, train_loss)
+                    self.timed("checkpoint_s", self.checkpoint, step, train_loss)
         except DivergedError as e:
             status, error = "diverged", f"diverged: {e}"
             if self.log is not None:
@@ -334,6 +358,14 @@ class TrialWorker:
             # Resumed from the final checkpoint (the attempt died after saving it): nothing left to train.
             last_eval = self.evaluation_results(self.evaluate())
         return self.summary(step, status, error, last_eval)
+
+    def timed(self, part: str, work, *args):
+        """`work(*args)`, its seconds added to the trial's timings under `part`."""
+        tick = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self.spent[part] += time.perf_counter() - tick
 
     def train_step(self, step: int):
         """One optimizer step over this rank's share of the global batch: the step's mean loss over all ranks,
@@ -420,14 +452,18 @@ class TrialWorker:
         if world > 1:
             nodes = [None] * world
             dist.all_gather_object(nodes, current_node_id())
+        self.timings["loop_done"] = time.time()
         if self.mirror is not None:
             self.mirror.finish(last_eval, status)
+        self.timings["tracking_finished"] = time.time()
         if self.log is not None:
             self.log.close()
         summary = {
             "status": status, "error": error, "train_seconds": state["train_seconds"],
             "tokens_per_second": step * self.trial.batch_tokens / state["train_seconds"] if state["train_seconds"] else None,
             "ray_nodes": sorted(set(nodes)),
+            "timings": {**self.timings, **self.spent, "train_s": state["train_seconds"],
+                        "worker_returned": time.time()},
         }
         if self.gpu is not None:
             summary.update(self.gpu.summary(step, state["train_seconds"]))

@@ -31,7 +31,10 @@ PLAN_FIELDS = {"trial_id", "study", "kind", "method", "budget_flops", "seq_len",
 TRIAL_COLUMNS = {"trial_id", "study", "kind", "method", "status", "budget_flops", "total_flops", "tokens",
                  "params_total", "params_active", "d_model", "n_layers", "num_experts", "expert_heads", "top_k",
                  "query_bn", "seed", "ppl", "usage", "unevenness", "train_seconds", "tokens_per_second",
-                 "ray_nodes", "error", "mfu", "gpu_memory_gb"}
+                 "ray_nodes", "error", "mfu", "gpu_memory_gb", "wall_seconds"}
+TIMESTAMPS = ["trial_started", "job_started", "worker_started", "imported", "data_loaded", "engine_ready",
+              "tracking_started", "setup_done", "loop_done", "tracking_finished", "worker_returned", "job_returned",
+              "row_built"]
 CURVE_COLUMNS = {"trial_id", "step", "tokens", "flops", "train_loss"}
 
 
@@ -104,6 +107,7 @@ def test_smoke_study_runs_resumes_and_reports(data_root, tmp_path):
     assert {f"bpb_{s}" for s in ("validation", "verse", "prose")} <= set(trials.columns)
     assert len(trials) == 8 and set(trials.status) == {"completed"} and trials.trial_id.is_unique
     assert (trials.ppl == trials.ppl_validation).all()
+    assert (trials.wall_seconds >= trials.train_seconds).all()  # start to row written, training inside it
     sparse = trials[trials.method != "dense"]
     assert sparse.usage.between(0, 1).all() and (sparse.unevenness >= 0).all()
     assert trials[trials.method == "dense"].usage.isna().all()
@@ -112,6 +116,10 @@ def test_smoke_study_runs_resumes_and_reports(data_root, tmp_path):
     assert len(curves) == trials.steps.sum() and not curves.duplicated(["trial_id", "step"]).any()
     assert len(list((out / "wandb").glob("offline-run-*"))) == 8
     records = {p.name: p.read_bytes() for p in (out / "results").glob("*.json")}
+    for record in records.values():  # the timestamps benchmarks/small_trials.py takes apart, in the order lived
+        t = json.loads(record)["timings"]
+        lived = [t[k] for k in TIMESTAMPS]
+        assert lived == sorted(lived), t
 
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]

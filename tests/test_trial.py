@@ -127,6 +127,7 @@ def test_two_zero2_workers_train_like_one(one_worker, data_root, tmp_path):
     assert one.trial_id == two.trial_id  # resources do not change what is trained
     row2 = run_trial(two, tmp_path / "two", "disabled", data_root=data_root)
     assert row1["status"] == row2["status"] == "completed", (row1["error"], row2["error"])
+    assert row1["wall_seconds"] >= row1["train_seconds"] > 0  # the trial's start to its row, training inside
     l1, l2 = losses(one_dir, one), losses(tmp_path / "two", two)
     assert len(l1) == len(l2) == one.steps >= 20
     assert l1[-1] < l1[0] - 0.5  # it learns

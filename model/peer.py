@@ -13,7 +13,8 @@ Defaults and choices the paper leaves open (stated here because they differ from
   statistics taken over all tokens of the batch in training mode; in eval mode the running statistics are
   used, so evaluation is per-token and batch-independent. Padding tokens would enter the training-mode
   statistics: feed full sequences (peer-sweeps never pads) or mask them out before the layer.
-- Initialisation: u, v ~ N(0, 1/dim); sub-keys ~ N(0, 1/(query_dim/2)); query map as nn.Linear.
+- Initialisation: standalone, u, v ~ N(0, 1/dim); sub-keys ~ N(0, 1/(query_dim/2)); query map as nn.Linear.
+  In a Transformer, model/init.py's rule, the same for every arm, replaces it.
 
 Two implementations of the same layer (same parameters, state dict and results up to float summation order):
 - `PEERReference`: the simple one, a transcription of the paper's pseudo-code; it gathers the

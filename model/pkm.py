@@ -4,7 +4,8 @@ Per head h: a query q_h(x) (one shared linear map, then batch norm over all head
 product keys (two sets of sqrt(N) sub-keys of dimension query_dim/2), exact top-k retrieval, softmax over
 the k scores. The output is sum over heads of the score-weighted sum of the retrieved value rows; the
 values (N, dim) are shared by the heads. Weighted sums use `F.embedding_bag` so the [..., H*K, dim]
-gathered rows are never materialised. Query batch norm behaves as in PEER (see model/peer.py).
+gathered rows are never materialised. Query batch norm behaves as in PEER (see model/peer.py). In a
+Transformer the initialisation is model/init.py's, the same rule as every arm's.
 """
 
 from __future__ import annotations

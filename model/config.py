@@ -130,4 +130,5 @@ class ModelConfig(_Strict):
         return sum(self.flops_breakdown(seq_len).values())
 
     def train_flops_per_token(self, seq_len: int | None = None) -> float:
-        return 3 * self.forward_flops_per_token(seq_len)
+        from .flops import train_flops_per_token
+        return train_flops_per_token(self, seq_len or self.max_seq_len)

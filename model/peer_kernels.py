@@ -677,8 +677,9 @@ def _bag_offsets(R: int, M: int, device) -> torch.Tensor:
     return torch.arange(0, R * M, M, device=device)
 
 
-# gather_dot and weighted_bag are registered as torch ops (peer_sweeps::...) with FLOP formulas, so that
-# torch.utils.flop_counter.FlopCounterMode counts the expert FLOPs of PEER as it counts an einsum's.
+# The kernels that do arithmetic are registered as torch ops (peer_sweeps::...) with FLOP formulas, so that
+# torch.utils.flop_counter.FlopCounterMode counts PEER's and PKM's retrieval and experts, forward and
+# backward, as it counts an einsum's.
 @torch.library.custom_op("peer_sweeps::gather_dot", mutates_args=())
 def gather_dot(x: torch.Tensor, W: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[R, M]: out[r, m] = x[r] . W[idx[r, m]]. x [R, D], W [N, D], idx [R, M] int64."""
@@ -727,11 +728,29 @@ def row_grads(idx: torch.Tensor, N: int, *pairs: tuple[torch.Tensor, torch.Tenso
     """[rows [U] (sorted, unique), G_1 [U, D], ...]: G_j[u] = sum over idx[r, m] = rows[u] of c_j[r, m] X_j[r],
     every X_j [R, D] of one width (the cpp backend sums all pairs in one pass). `out`: optional buffers (cpp backend): G_j is the first U rows of out[j] where out[j] is large enough and
     no other tensor shares its memory, else fresh memory."""
+    out = list(out)
+    rows, in_buffer, *grads = _row_grads_op(idx, N, [c for c, _ in pairs], [X for _, X in pairs], out)
+    return [rows] + [out[j][: rows.numel()] if in_buffer[j] else G for j, G in enumerate(grads)]
+
+
+# A torch op, so that FlopCounterMode sees the table gradients; an op may not return its inputs' memory, so
+# a gradient written into out[j] comes back as an empty placeholder and in_buffer[j] = True.
+@torch.library.custom_op("peer_sweeps::row_grads", mutates_args=("out",))
+def _row_grads_op(idx: torch.Tensor, N: int, coefs: list[torch.Tensor], xs: list[torch.Tensor],
+                  out: list[torch.Tensor]) -> list[torch.Tensor]:
     idx = idx.contiguous()
-    coefs = [c.contiguous() for c, _ in pairs]
-    xs = [X.contiguous() for _, X in pairs]
+    coefs = [c.contiguous() for c in coefs]
+    xs = [X.contiguous() for X in xs]
     if backend(*coefs, *xs) == "cpp":
-        return _cpp().row_grads(idx, N, coefs, xs, list(out))
+        rows, *grads = _cpp().row_grads(idx, N, coefs, xs, out)
+    else:
+        rows, *grads = _row_grads_torch(idx, coefs, xs)
+    in_buffer = [j < len(out) and G.numel() > 0 and G.data_ptr() == out[j].data_ptr() for j, G in enumerate(grads)]
+    grads = [G.new_empty(0) if used else G for G, used in zip(grads, in_buffer)]
+    return [rows, torch.tensor(in_buffer)] + grads
+
+
+def _row_grads_torch(idx, coefs, xs):
     R, M = idx.shape
     rows, inverse = torch.unique(idx.reshape(-1), sorted=True, return_inverse=True)
     out = [rows]
@@ -742,6 +761,12 @@ def row_grads(idx: torch.Tensor, N: int, *pairs: tuple[torch.Tensor, torch.Tenso
     return out
 
 
+@register_flop_formula(torch.ops.peer_sweeps.row_grads)
+def _row_grads_flops(idx_shape, N, coefs_shapes, xs_shapes, out_shapes, out_shape=None, **kwargs) -> int:
+    return sum(2 * idx_shape[0] * idx_shape[1] * X[1] for X in xs_shapes)
+
+
+@torch.library.custom_op("peer_sweeps::dense_row_grads", mutates_args=())
 def dense_row_grads(idx: torch.Tensor, N: int, c: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """G [N, D]: G[n] = sum over idx[r, m] = n of c[r, m] X[r], for small tables (a dense copy per thread)."""
     idx, c, X = idx.contiguous(), c.contiguous(), X.contiguous()
@@ -749,6 +774,16 @@ def dense_row_grads(idx: torch.Tensor, N: int, c: torch.Tensor, X: torch.Tensor)
         return _cpp().dense_row_grads(idx, N, c, X)
     R, M = idx.shape
     return X.new_zeros(N, X.shape[1]).index_add_(0, idx.reshape(-1), (c.reshape(R, M, 1) * X.reshape(R, 1, -1)).reshape(R * M, -1))
+
+
+@dense_row_grads.register_fake
+def _(idx, N, c, X):
+    return X.new_empty(N, X.shape[1])
+
+
+@register_flop_formula(torch.ops.peer_sweeps.dense_row_grads)
+def _dense_row_grads_flops(idx_shape, N, c_shape, X_shape, out_shape=None, **kwargs) -> int:
+    return 2 * idx_shape[0] * idx_shape[1] * X_shape[1]
 
 
 def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -759,6 +794,7 @@ def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return S.topk(k, dim=-1)
 
 
+@torch.library.custom_op("peer_sweeps::product_key_topk", mutates_args=())
 def product_key_topk(q_RQ: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, indices), each [R, K]: the exact top-k of R queries over the S^2 composed keys (sorted descending)."""
     if backend(q_RQ, sub_keys) == "cpp":
@@ -771,6 +807,19 @@ def product_key_topk(q_RQ: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> 
     candidates = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (R, K*K)
     scores, flat = candidates.topk(top_k, dim=-1)
     return scores, idx1.gather(-1, flat // top_k) * num_sub + idx2.gather(-1, flat % top_k)
+
+
+@product_key_topk.register_fake
+def _(q_RQ, sub_keys, top_k):
+    shape = (q_RQ.shape[0], top_k)
+    return q_RQ.new_empty(shape), q_RQ.new_empty(shape, dtype=torch.long)
+
+
+@register_flop_formula(torch.ops.peer_sweeps.product_key_topk)
+def _product_key_topk_flops(q_shape, sub_keys_shape, top_k, out_shape=None, **kwargs) -> int:
+    """Every sub-key score of both halves (2 R S Q/2 multiply-adds: the float32 kernel bounds which scores it
+    ranks, not which it computes), then the k^2 candidate sums (one FLOP each)."""
+    return 2 * q_shape[0] * sub_keys_shape[1] * q_shape[1] + q_shape[0] * top_k * top_k
 
 
 def row_adam_(param, exp_avg, exp_avg_sq, rows, grad, *, lr, beta1, beta2, eps, weight_decay,

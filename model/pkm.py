@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import flop_formulas  # noqa: F401  (FlopCounterMode counts the value reads)
 from .peer import check_product_key_shape
 from .peer_ops import product_key_topk_sparse
 from .product_keys import batch_normed_queries

@@ -173,7 +173,9 @@ def _resolve(study: Study, method, size, overrides, budget, fixed_tokens, seed) 
     else:
         steps = -(-fixed_tokens // t.batch_tokens)
     tokens = steps * t.batch_tokens
-    training = t.model_dump(mode="json", exclude={"seeds"})
+    training = t.model_dump(mode="json", exclude={"seeds", "lr_scaling"})
+    if t.lr_scaling is not None:  # the trial records the lr it trains with, whatever rule gave it
+        training["lr"] = t.lr_scaling.lr(t.lr, cfg.params_backbone())
     if method != "peer" or t.expert_tables == "zero":
         del training["expert_tables"]  # no change to what is trained: no change to the trial id
     resolved = {

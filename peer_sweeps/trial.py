@@ -107,7 +107,7 @@ def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1) -> dict[s
     for key in ("loss", "ppl", "usage", "unevenness", "train_seconds", "tokens_per_second", "ray_nodes"):
         row[key] = summary.get(key)
     for key, value in summary.items():
-        if key.startswith(("ppl_", "bpb_")):
+        if key.startswith(("ppl_", "bpb_", "eval_tokens_")):
             row[key] = value
     return row
 
@@ -145,6 +145,38 @@ def param_groups(model, weight_decay: float, exclude=()) -> list[dict[str, Any]]
         skip = param.dim() < 2 or "emb" in name or "sub_keys" in name
         (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def eval_batch_size(trial: Trial) -> int:
+    """Sequences per evaluation batch (MoE's expert choice depends on it, so `peer-sweeps eval` uses it too)."""
+    return max(1, min(16, trial.batch_tokens // trial.seq_len))
+
+
+def evaluation_sets(data, eval_tokens: int | str, seq_len: int) -> dict:
+    """The tokens scored per evaluation set, primary first (peer_sweeps.data.evaluation_sample): the same for
+    every trial of a study and for `peer-sweeps eval`."""
+    from .data import evaluation_sample
+
+    sample = None if eval_tokens == "all" else int(eval_tokens)
+    return {name: evaluation_sample(tokens, data.eot_id, sample, seq_len) for name, tokens in data.eval_sets.items()}
+
+
+def evaluate_sets(module, eval_sets: dict, data, seq_len: int, batch: int, device) -> dict[str, Any]:
+    """loss, ppl, routing statistics (primary set) and ppl_, bpb_, eval_tokens_<set> for every set."""
+    from model import summarize_routing
+
+    from .data import evaluate_lm
+
+    results: dict[str, Any] = {}
+    for name, tokens in eval_sets.items():
+        module.collect_routing_stats(name == data.primary)
+        out = evaluate_lm(module, tokens, seq_len, batch, len(tokens), data.token_bytes, device)
+        if name == data.primary:
+            results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(module.routing_scores()))
+        results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
+        results[f"eval_tokens_{name}"] = int(out["tokens"])
+    module.collect_routing_stats(False)
+    return results
 
 
 class DivergedError(Exception):
@@ -192,10 +224,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from cluster.deepspeed_config import build_engine, deepspeed_config
     from cluster.eager_adamw import EagerAdamW
     from cluster.runtime import current_node_id
-    from model import build_model, summarize_routing
+    from model import build_model
     from model.sparse_adam import ExpertTableOptimizer
 
-    from .data import TrainBatches, evaluate_lm, load_suite
+    from .data import TrainBatches, load_suite
     from .tracking import MetricsLog, WandbMirror
 
     trial = Trial.from_json(config["trial"])
@@ -241,21 +273,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     eval_steps = evenly_spaced_steps(total_steps, training["evals"])
     checkpoint_steps = evenly_spaced_steps(total_steps, training["checkpoints"])
     flops_per_step = trial.train_flops_per_token * trial.batch_tokens
-    eval_batch = max(1, min(16, sequences))
+    eval_batch = eval_batch_size(trial)
     last_eval: dict[str, Any] = {}
     status, error = "completed", None
 
+    eval_sets = evaluation_sets(data, data_spec["eval_tokens"], trial.seq_len)
+
     def evaluate() -> dict[str, Any]:
-        results: dict[str, Any] = {}
-        module = engine.module
-        for name, tokens in data.eval_sets.items():
-            module.collect_routing_stats(name == data.primary)
-            out = evaluate_lm(module, tokens, trial.seq_len, eval_batch, data_spec["eval_tokens"], data.token_bytes, device)
-            if name == data.primary:
-                results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(module.routing_scores()))
-            results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
-        module.collect_routing_stats(False)
-        return results
+        return evaluate_sets(engine.module, eval_sets, data, trial.seq_len, eval_batch, device)
 
     fault = Fault(config.get("fault", ""), trial.trial_id, directory)
     step = start_step

@@ -148,8 +148,9 @@ def param_groups(model, weight_decay: float, exclude=()) -> list[dict[str, Any]]
 
 
 def eval_batch_size(trial: Trial) -> int:
-    """Sequences per evaluation batch (MoE's expert choice depends on it, so `peer-sweeps eval` uses it too)."""
-    return max(1, min(16, trial.batch_tokens // trial.seq_len))
+    """Sequences per evaluation batch: the training batch's, at most 32 (memory for the logits). MoE's expert
+    choice depends on it: evaluated on the pool of tokens it was trained on (`peer-sweeps eval` uses it too)."""
+    return max(1, min(32, trial.batch_tokens // trial.seq_len))
 
 
 def evaluation_sets(data, eval_tokens: int | str, seq_len: int) -> dict:

@@ -1,6 +1,8 @@
 """Learning rates that fit each size: the default study gives every size its lr by one rule,
 lr = training.lr * (params_backbone / reference_params)^(-1/3), the same for every method at a size."""
 
+from pathlib import Path
+
 import pytest
 
 from peer_sweeps.plan import plan_study
@@ -8,7 +10,7 @@ from peer_sweeps.study import StudyError, load_study, parse_study
 
 
 def test_default_study_lr_falls_with_size_alike_for_every_method():
-    study = load_study("studies/isoflop.yaml")
+    study = load_study(Path(__file__).parent.parent / "studies" / "isoflop.yaml")
     rule = study.training.lr_scaling
     assert rule is not None and rule.exponent == pytest.approx(-1 / 3)
     by_size: dict[int, set[float]] = {}

@@ -3,6 +3,8 @@ what the dense FFW at the same block adds, within 2x in RMS, on the same input -
 shipped default study and for a few layouts beyond it, in training mode (query batch norm on batch
 statistics, as at the first step) and eval mode."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ LAYOUTS = {
 
 def default_study_models() -> list[ModelConfig]:
     configs = {}
-    for trial in plan_study(load_study("studies/isoflop.yaml")):
+    for trial in plan_study(load_study(Path(__file__).parent.parent / "studies" / "isoflop.yaml")):
         if trial.method != "dense":
             configs[(trial.method, trial.model["d_model"], trial.model["n_layers"])] = trial.model_config
     return list(configs.values())

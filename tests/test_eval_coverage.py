@@ -51,14 +51,17 @@ def test_evaluation_sets_record_tokens_scored_per_set():
 
     from peer_sweeps.trial import evaluate_sets, evaluation_sets
 
+    def few_ids(tokens):  # token ids below 8, so that the logits stay small
+        return np.where(tokens == EOT, EOT, tokens % 7 + 1)
+
     class Suite:
         eot_id, primary = EOT, "validation"
-        token_bytes = np.ones(700)
-        eval_sets = {"validation": split_of(np.full(400, 600))[0], "small": split_of([300] * 20)[0]}
+        token_bytes = np.ones(8)
+        eval_sets = {"validation": few_ids(split_of(np.full(400, 600))[0]), "small": few_ids(split_of([300] * 20)[0])}
 
     class Uniform(torch.nn.Module):
         def forward(self, x):
-            return torch.zeros(*x.shape, 700)
+            return torch.zeros(*x.shape, 8)
 
         def collect_routing_stats(self, enabled):
             pass
@@ -69,7 +72,7 @@ def test_evaluation_sets_record_tokens_scored_per_set():
     sets = evaluation_sets(Suite, MIN_SAMPLE_TOKENS, 64)
     out = evaluate_sets(Uniform(), sets, Suite, 64, 16, "cpu")
     assert out["eval_tokens_validation"] >= MIN_SAMPLE_TOKENS and out["eval_tokens_small"] == 6000 // 65 * 64
-    assert out["ppl"] == pytest.approx(700)
+    assert out["ppl"] == pytest.approx(8)
 
 
 @pytest.mark.parametrize("value", [16384, 0, "some"])
@@ -99,12 +102,11 @@ def test_eval_command_rejects_bad_arguments(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_command_agrees_with_the_recorded_numbers(data_root, tmp_path, capsys):
-    """MoE (expert choice: batch-dependent) and PEER (C++ kernels, query batch norm), one short trial each."""
+    """One short MoE trial: expert choice depends on the evaluation batch, the case most easily got wrong."""
     import yaml
     from conftest import study_dict
 
-    spec = study_dict(data_root, budgets=(1.0e9,), methods={
-        "moe": {"num_experts": 4}, "peer": {"num_experts": 256, "heads": 2, "top_k": 4, "query_dim": 8}})
+    spec = study_dict(data_root, budgets=(1.0e9,), methods={"moe": {"num_experts": 4}})
     spec["methods"].pop("dense")
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(spec))
@@ -112,7 +114,7 @@ def test_eval_command_agrees_with_the_recorded_numbers(data_root, tmp_path, caps
     done = peer_sweeps("run", study, "--out", out)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = pd.read_parquet(out / "trials.parquet")
-    assert len(trials) == 2 and (trials["status"] == "completed").all()
+    assert len(trials) == 1 and (trials["status"] == "completed").all()
     for _, row in trials.iterrows():
         scores = cli_json(capsys, "eval", out, row["trial_id"], "--json")
         assert list(scores) == ["validation", "verse", "prose"]

@@ -94,11 +94,9 @@ def shipped_cpu_models() -> dict[str, ModelConfig]:
 def test_train_flops_match_flop_counter_for_every_shipped_model():
     """train_flops_per_token is what forward + backward compute, within 5%, for every method and size of the
     shipped studies (the sparse retrieval's backward as the kernels do it, not 3 x forward)."""
-    errors = {}
-    for label, cfg in shipped_cpu_models().items():
-        counted = counted_train_flops(cfg)
-        errors[label] = cfg.train_flops_per_token() / counted - 1
-    assert {cfg.method for cfg in shipped_cpu_models().values()} == {"dense", "moe", "pkm", "peer"}
+    models = shipped_cpu_models()
+    errors = {label: cfg.train_flops_per_token() / counted_train_flops(cfg) - 1 for label, cfg in models.items()}
+    assert {cfg.method for cfg in models.values()} == {"dense", "moe", "pkm", "peer"}
     assert max(abs(e) for e in errors.values()) < 0.05, {k: f"{e:+.1%}" for k, e in errors.items() if abs(e) >= 0.05}
 
 

@@ -32,7 +32,7 @@ def experts_trial(data_root: Path, num_experts: int, expert_tables: str, steps: 
     batch_tokens = 2048
     study = {
         "name": "expert-tables",
-        "data": {"suite": "fixture", "vocab_size": 512, "eval_tokens": 512, "root": str(data_root)},
+        "data": {"suite": "fixture", "vocab_size": 512, "root": str(data_root)},
         "training": {"seq_len": 64, "batch_tokens": batch_tokens, "lr": 1.0e-2, "evals": 1, "checkpoints": 1,
                      "max_failures": 0, "zero_stage": 2, "expert_tables": expert_tables},
         "model": {"head_dim": 32},

@@ -1,7 +1,11 @@
 """Exact parameter and FLOP accounting of a `ModelConfig`, without building the model.
 
 FLOP convention: 2 FLOPs per multiply-add; attention scores counted in full (not causally halved), as in
-Chinchilla (Hoffmann et al. 2022, app. F); training = 3 x forward. Element-wise work (norms, activations,
+Chinchilla (Hoffmann et al. 2022, app. F); training = forward + backward as the code computes them:
+backward = 2 x forward for every matmul (its input's and its weight's gradients), except product-key
+retrieval, whose backward reaches only the k retrieved scores per head (4 h k d_q: the query halves' and the
+retrieved sub-key rows' gradients, model/peer_ops.py), not the dense sub-key score matrices, and whose k^2
+candidate sums have none. Element-wise work (norms, activations,
 softmax, embedding look-ups, top-k) is not counted, except the k^2 candidate sums of product-key retrieval
 (one FLOP each), which grow with top_k and are the only non-matmul term of retrieval that does.
 
@@ -15,6 +19,7 @@ S = sqrt(N) sub-keys per half:
   candidate_sums    h k^2
   experts           4 d F c  (MoE, c experts per token)  |  2 h k d  (PKM values)  |  4 h k d  (PEER u, v)
   lm_head           2 d V
+Backward per token: 2 x each of the above, except subkey_scoring 4 h k d_q and candidate_sums 0.
 
 Parameters: params_active = params_total minus the expert parameters a token does not use (MoE experts
 beyond its c, PKM value rows and PEER expert rows beyond its h k); embeddings count in both.
@@ -112,5 +117,16 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> flo
     return sum(forward_flops_breakdown(cfg, seq_len).values())
 
 
+def backward_flops_breakdown(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Backward FLOPs per token by part, as the code computes them (see the module docstring)."""
+    backward = {part: 2.0 * flops for part, flops in forward_flops_breakdown(cfg, seq_len).items()}
+    s = cfg.sparse
+    if isinstance(s, (PKMConfig, PEERConfig)):
+        backward["subkey_scoring"] = 4.0 * s.heads * s.top_k * s.query_dim * len(cfg.sparse_layer_ids)
+        backward["candidate_sums"] = 0.0
+    return backward
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    return 3 * forward_flops_per_token(cfg, seq_len)
+    """Forward + backward FLOPs per training token."""
+    return forward_flops_per_token(cfg, seq_len) + sum(backward_flops_breakdown(cfg, seq_len).values())

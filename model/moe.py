@@ -8,6 +8,7 @@ probabilities p(x) = softmax(W_r x) over the experts.
   causal LM the choice looks across the batch, future tokens included (as in the paper's baseline).
 - "token_choice": each token goes to its top_k experts, gates renormalised over them; no capacity limit
   and no auxiliary balancing loss.
+In a Transformer the initialisation is model/init.py's, the same rule as every arm's.
 """
 
 from __future__ import annotations

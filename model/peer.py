@@ -13,7 +13,8 @@ Defaults and choices the paper leaves open (stated here because they differ from
   statistics taken over all tokens of the batch in training mode; in eval mode the running statistics are
   used, so evaluation is per-token and batch-independent. Padding tokens would enter the training-mode
   statistics: feed full sequences (peer-sweeps never pads) or mask them out before the layer.
-- Initialisation: u, v ~ N(0, 1/dim); sub-keys ~ N(0, 1/(query_dim/2)); query map as nn.Linear.
+- Initialisation: standalone, u, v ~ N(0, 1/dim); sub-keys ~ N(0, 1/(query_dim/2)); query map as nn.Linear.
+  In a Transformer, model/init.py's rule, the same for every arm, replaces it.
 - In bf16 (DeepSpeed casts the whole module) the query batch norm still runs in fp32 and keeps fp32 running
   statistics (`QueryBatchNorm`): statistics tracked in bf16 drift (running_var 2.20 against a true 2.25
   after 200 batches), and sub-key and table gradients are summed in fp32 (model/peer_kernels.py).

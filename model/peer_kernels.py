@@ -102,8 +102,9 @@ def _bag_of_entry(R: int, M: int, device) -> torch.Tensor:
     return torch.arange(R, device=device).repeat_interleave(M)
 
 
-# gather_dot and weighted_bag are registered as torch ops (peer_sweeps::...) with FLOP formulas, so that
-# torch.utils.flop_counter.FlopCounterMode counts the expert FLOPs of PEER as it counts an einsum's.
+# The kernels that do arithmetic are registered as torch ops (peer_sweeps::...) with FLOP formulas, so that
+# torch.utils.flop_counter.FlopCounterMode counts PEER's and PKM's retrieval and experts, forward and
+# backward, as it counts an einsum's.
 @torch.library.custom_op("peer_sweeps::gather_dot", mutates_args=())
 def gather_dot(x: torch.Tensor, W: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[R, M]: out[r, m] = x[r] . W[idx[r, m]]. x [R, D], W [N, D], idx [R, M] int64."""
@@ -154,15 +155,35 @@ def row_grads(idx: torch.Tensor, N: int, *pairs: tuple[torch.Tensor, torch.Tenso
     no other tensor shares its memory, else fresh memory. The torch backend reads the touched rows out of
     `dense_row_grads` (O(N D) memory, never [R, M, D]); its torch.unique is a host sync, acceptable because
     row-sparse gradients are a CPU path (the dense path, `dense_row_grads`, is what GPUs run)."""
+    out = list(out)
+    rows, in_buffer, *grads = _row_grads_op(idx, N, [c for c, _ in pairs], [X for _, X in pairs], out)
+    return [rows] + [out[j][: rows.numel()] if in_buffer[j] else G for j, G in enumerate(grads)]
+
+
+# A torch op, so that FlopCounterMode sees the table gradients; an op may not return its inputs' memory, so
+# a gradient written into out[j] comes back as an empty placeholder and in_buffer[j] = True.
+@torch.library.custom_op("peer_sweeps::row_grads", mutates_args=("out",))
+def _row_grads_op(idx: torch.Tensor, N: int, coefs: list[torch.Tensor], xs: list[torch.Tensor],
+                  out: list[torch.Tensor]) -> list[torch.Tensor]:
     idx = idx.contiguous()
-    coefs = [c.contiguous() for c, _ in pairs]
-    xs = [X.contiguous() for _, X in pairs]
+    coefs = [c.contiguous() for c in coefs]
+    xs = [X.contiguous() for X in xs]
     if backend(*coefs, *xs) == "cpp":
-        return _cpp().row_grads(idx, N, coefs, xs, list(out))
-    rows = torch.unique(idx.reshape(-1), sorted=True)
-    return [rows, *(dense_row_grads(idx, N, c, X).index_select(0, rows) for c, X in zip(coefs, xs))]
+        rows, *grads = _cpp().row_grads(idx, N, coefs, xs, out)
+    else:
+        rows = torch.unique(idx.reshape(-1), sorted=True)
+        grads = [dense_row_grads(idx, N, c, X).index_select(0, rows) for c, X in zip(coefs, xs)]
+    in_buffer = [j < len(out) and G.numel() > 0 and G.data_ptr() == out[j].data_ptr() for j, G in enumerate(grads)]
+    grads = [G.new_empty(0) if used else G for G, used in zip(grads, in_buffer)]
+    return [rows, torch.tensor(in_buffer)] + grads
 
 
+@register_flop_formula(torch.ops.peer_sweeps.row_grads)
+def _row_grads_flops(idx_shape, N, coefs_shapes, xs_shapes, out_shapes, out_shape=None, **kwargs) -> int:
+    return sum(2 * idx_shape[0] * idx_shape[1] * X[1] for X in xs_shapes)
+
+
+@torch.library.custom_op("peer_sweeps::dense_row_grads", mutates_args=())
 def dense_row_grads(idx: torch.Tensor, N: int, c: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """G [N, D]: G[n] = sum over idx[r, m] = n of c[r, m] X[r], in X's dtype.
 
@@ -182,6 +203,16 @@ def dense_row_grads(idx: torch.Tensor, N: int, c: torch.Tensor, X: torch.Tensor)
     return G.to(X.dtype)
 
 
+@dense_row_grads.register_fake
+def _(idx, N, c, X):
+    return X.new_empty(N, X.shape[1])
+
+
+@register_flop_formula(torch.ops.peer_sweeps.dense_row_grads)
+def _dense_row_grads_flops(idx_shape, N, c_shape, X_shape, out_shape=None, **kwargs) -> int:
+    return 2 * idx_shape[0] * idx_shape[1] * X_shape[1]
+
+
 def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, columns), each [R, k]: per-row top-k of S [R, C], sorted descending."""
     if backend(S) == "cpp":
@@ -190,6 +221,7 @@ def topk_rows(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return S.topk(k, dim=-1)
 
 
+@torch.library.custom_op("peer_sweeps::product_key_topk", mutates_args=())
 def product_key_topk(q_RQ: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, indices), each [R, K]: the exact top-k of R queries over the S^2 composed keys (sorted descending)."""
     if backend(q_RQ, sub_keys) == "cpp":
@@ -202,6 +234,19 @@ def product_key_topk(q_RQ: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> 
     candidates = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (R, K*K)
     scores, flat = candidates.topk(top_k, dim=-1)
     return scores, idx1.gather(-1, flat // top_k) * num_sub + idx2.gather(-1, flat % top_k)
+
+
+@product_key_topk.register_fake
+def _(q_RQ, sub_keys, top_k):
+    shape = (q_RQ.shape[0], top_k)
+    return q_RQ.new_empty(shape), q_RQ.new_empty(shape, dtype=torch.long)
+
+
+@register_flop_formula(torch.ops.peer_sweeps.product_key_topk)
+def _product_key_topk_flops(q_shape, sub_keys_shape, top_k, out_shape=None, **kwargs) -> int:
+    """Every sub-key score of both halves (2 R S Q/2 multiply-adds: the float32 kernel bounds which scores it
+    ranks, not which it computes), then the k^2 candidate sums (one FLOP each)."""
+    return 2 * q_shape[0] * sub_keys_shape[1] * q_shape[1] + q_shape[0] * top_k * top_k
 
 
 def row_adam_(param, exp_avg, exp_avg_sq, rows, grad, *, lr, beta1, beta2, eps, weight_decay,

@@ -5,7 +5,8 @@ product keys (two sets of sqrt(N) sub-keys of dimension query_dim/2), exact top-
 the k scores. The output is sum over heads of the score-weighted sum of the retrieved value rows; the
 values (N, dim) are shared by the heads. Weighted sums use `F.embedding_bag` so the [..., H*K, dim]
 gathered rows are never materialised. Query batch norm behaves as in PEER (see model/peer.py); in bf16 the
-values' gradient, ~T h k / N contributions a row, is summed in fp32 (`weighted_rows`), as PEER's are.
+values' gradient, ~T h k / N contributions a row, is summed in fp32 (`weighted_rows`), as PEER's are. In a
+Transformer the initialisation is model/init.py's, the same rule as every arm's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import flop_formulas  # noqa: F401  (FlopCounterMode counts the value reads)
 from .peer import QueryBatchNorm, check_product_key_shape
 from .peer_ops import product_key_topk_sparse, weighted_rows
 from .product_keys import batch_normed_queries

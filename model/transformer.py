@@ -3,8 +3,6 @@ FFW for a sparse layer: MoE, PKM or PEER (the paper replaces the middle block's 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +10,7 @@ from torch import nn
 from .attention import CausalSelfAttention
 from .config import ModelConfig, MoEConfig, PEERConfig, PKMConfig
 from .ffw import DenseFFW
+from .init import init_transformer
 from .moe import MoE
 from .peer import PEER
 from .pkm import PKM
@@ -86,22 +85,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self._init_backbone()
-
-    def _init_backbone(self):
-        """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers).
-        Sparse layers keep their own initialisation."""
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=0.02)
-            nn.init.normal_(block.attn.out.weight, std=residual_std)
-            if isinstance(block.ffw, DenseFFW):
-                nn.init.normal_(block.ffw.up.weight, std=0.02)
-                nn.init.normal_(block.ffw.down.weight, std=residual_std)
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=0.02)
+        init_transformer(self, cfg.n_layers, cfg.d_model, cfg.ffw_dim)  # model/init.py: one rule for every arm
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape

@@ -132,14 +132,14 @@ def _print_plan(spec, trials) -> None:
     from .plan import storage_totals
 
     table = Table(title=f"{trials[0].study}: {len(trials)} trials", title_justify="left")
-    for column in ("trial_id", "method", "cell", "budget", "params total", "params active", "tokens", "steps",
+    for column in ("trial_id", "method", "cell", "budget", "params total", "params active", "lr", "tokens", "steps",
                    "FLOPs", "micro-batch", "GB/worker", "ckpt GB", "est. CPU time", "est. GPU-h"):
         table.add_column(column, justify="left" if column in ("trial_id", "method", "cell") else "right")
     for t in trials:
         micro = t.training["micro_batch_size"] or t.batch_tokens // t.seq_len // t.resources["workers_per_trial"]
         table.add_row(t.trial_id, t.method, t.label, f"{t.budget_flops:.3g}" if t.budget_flops else "-",
-                      _si(t.params_total), _si(t.params_active), _si(t.tokens), str(t.steps), f"{t.total_flops:.3g}",
-                      str(micro), f"{t.memory_gb_per_worker:.1f}", f"{t.checkpoint_gb:.3g}",
+                      _si(t.params_total), _si(t.params_active), f"{t.training['lr']:.3g}", _si(t.tokens), str(t.steps),
+                      f"{t.total_flops:.3g}", str(micro), f"{t.memory_gb_per_worker:.1f}", f"{t.checkpoint_gb:.3g}",
                       _minutes(t.estimated_cpu_seconds()), f"{t.estimated_gpu_hours():.3g}")
     cpu = sum(t.estimated_cpu_seconds() for t in trials)
     gpu = sum(t.estimated_gpu_hours() for t in trials)
@@ -275,6 +275,27 @@ def report(directory: Path = typer.Argument(..., help="Results directory of a st
         _fail(f"W&B ({wandb}) report run failed, the report itself is written: {type(e).__name__}: {cause}", code=1)
     if run_dir is not None:
         typer.echo(f"W&B report run ({wandb}): {run_dir}")
+
+
+@app.command("eval")
+def eval_(directory: Path = typer.Argument(..., help="Results directory of a study."),
+          trial_id: str = typer.Argument(..., help="Id of a finished trial."),
+          set_name: Optional[str] = typer.Option(None, "--set", help="Only this evaluation set."),
+          tokens: Optional[str] = typer.Option(None, help="Tokens per set: N (a sample of whole documents) or all "
+                                                         "(default: the study's data.eval_tokens)."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Re-evaluate a finished trial from its final checkpoint: perplexity, bits per byte, tokens scored per set."""
+    from .reevaluate import reevaluate
+
+    if tokens is not None and tokens != "all" and not (tokens.isdigit() and int(tokens) > 0):
+        _fail(f"--tokens: {tokens!r} is neither a positive number of tokens nor 'all'")
+    sample = int(tokens) if tokens is not None and tokens != "all" else tokens
+    scores = _guard(reevaluate, directory, trial_id, set_name, sample)
+    if as_json:
+        typer.echo(json.dumps(scores, indent=1))
+        return
+    for name, s in scores.items():
+        typer.echo(f"{name:<14} ppl {s['ppl']:10.4f}   bpb {s['bpb']:.4f}   tokens {s['tokens']:,}")
 
 
 def main() -> None:

@@ -193,7 +193,9 @@ def _resolve(study: Study, method, size, overrides, budget, fixed_tokens, seed) 
     else:
         steps = -(-fixed_tokens // t.batch_tokens)
     tokens = steps * t.batch_tokens
-    training = t.model_dump(mode="json", exclude={"seeds", "keep_checkpoints"})
+    training = t.model_dump(mode="json", exclude={"seeds", "keep_checkpoints", "lr_scaling"})
+    if t.lr_scaling is not None:  # the trial records the lr it trains with, whatever rule gave it
+        training["lr"] = t.lr_scaling.lr(t.lr, params_backbone(cfg))
     if method != "peer" or t.expert_tables == "zero":
         del training["expert_tables"]  # no change to what is trained: no change to the trial id
     needs = _capacity(study, cfg, cell, steps)

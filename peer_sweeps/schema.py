@@ -1,7 +1,8 @@
 """The explicit pyarrow schemas of `trials.parquet` and `curves.parquet` (see shared CONTRACT.md).
 
 Evaluation columns depend on the study's data suite: for every evaluation set `<set>` there are
-`ppl_<set>` and `bpb_<set>`; `ppl` is the perplexity on the primary validation set.
+`ppl_<set>`, `bpb_<set>` and `eval_tokens_<set>` (targets scored); `ppl` is the perplexity on the primary
+validation set.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ _CURVE_TAIL_FIELDS: list[tuple[str, pa.DataType]] = [
 def _eval_fields(eval_sets: Iterable[str]) -> list[tuple[str, pa.DataType]]:
     fields = []
     for name in eval_sets:
-        fields += [(f"ppl_{name}", pa.float64()), (f"bpb_{name}", pa.float64())]
+        fields += [(f"ppl_{name}", pa.float64()), (f"bpb_{name}", pa.float64()), (f"eval_tokens_{name}", pa.int64())]
     return fields
 
 

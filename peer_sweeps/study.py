@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model import MoEConfig, PEERConfig, PKMConfig
+from peer_sweeps.data.evaluate import MIN_SAMPLE_TOKENS
 
 METHODS = ("dense", "moe", "pkm", "peer")
 
@@ -34,7 +35,16 @@ class DataSpec(_Spec):
     suite: str = "default"
     vocab_size: int = Field(8192, ge=256, le=65536)
     root: str | None = None  # default: $PEER_SWEEPS_DATA or ./data
-    eval_tokens: int = Field(32768, ge=1)  # tokens per evaluation set at each evaluation
+    # Scored per evaluation set: "all" (the whole split), or a seeded sample of whole documents scoring at
+    # least this many tokens (the whole split when smaller): peer_sweeps.data.evaluation_sample.
+    eval_tokens: int | Literal["all"] = MIN_SAMPLE_TOKENS
+
+    @field_validator("eval_tokens")
+    @classmethod
+    def _representative(cls, tokens):
+        if tokens != "all" and tokens < MIN_SAMPLE_TOKENS:
+            raise ValueError(f"{tokens} tokens cannot represent a set: give at least {MIN_SAMPLE_TOKENS} or 'all'")
+        return tokens
 
     @field_validator("suite")
     @classmethod
@@ -48,11 +58,27 @@ class DataSpec(_Spec):
         return name
 
 
+class LrScaling(_Spec):
+    """A per-size learning rate, the same rule for every method: a trial's peak lr is
+    training.lr * (params_backbone / reference_params) ** exponent, rounded to 3 significant digits.
+    params_backbone (the non-embedding size of the model with dense FFWs) is the same for every method at
+    a grid point, so every method gets the same lr at the same size. exponent -1/3 is the ladder rule of
+    thumb lr ~ N^(-1/3) (OLMo-core's model ladders); training.lr is the lr measured to work at
+    reference_params."""
+
+    reference_params: int = Field(ge=1)
+    exponent: float = Field(ge=-2, le=0)
+
+    def lr(self, base_lr: float, params_backbone: int) -> float:
+        return float(f"{base_lr * (params_backbone / self.reference_params) ** self.exponent:.3g}")
+
+
 class TrainingSpec(_Spec):
     seq_len: int = Field(128, ge=8)
     batch_tokens: int = Field(8192, ge=8)  # global batch, whatever the number of workers
     micro_batch_size: int | None = Field(None, ge=1)  # sequences per worker per micro-step; default: all
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)  # peak lr; with lr_scaling, the peak lr at its reference size
+    lr_scaling: LrScaling | None = None  # default: training.lr for every size
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.1, ge=0)

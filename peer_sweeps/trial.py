@@ -124,7 +124,7 @@ def trial_row(trial: Trial, summary: dict[str, Any], attempt: int = 1,
                 "ray_nodes"):
         row[key] = summary.get(key)
     for key, value in summary.items():
-        if key.startswith(("ppl_", "bpb_")):
+        if key.startswith(("ppl_", "bpb_", "eval_tokens_")):
             row[key] = value
     if timings:
         row["timings"] = {**timings, "row_built": time.time()}
@@ -165,6 +165,39 @@ def param_groups(model, weight_decay: float, exclude=()) -> list[dict[str, Any]]
         skip = param.dim() < 2 or "emb" in name or "sub_keys" in name
         (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def eval_batch_size(trial: Trial) -> int:
+    """Sequences per evaluation batch: the training batch's, at most 32 (memory for the logits). MoE's expert
+    choice depends on it: evaluated on the pool of tokens it was trained on (`peer-sweeps eval` uses it too)."""
+    return max(1, min(32, trial.batch_tokens // trial.seq_len))
+
+
+def evaluation_sets(data, eval_tokens: int | str, seq_len: int) -> dict:
+    """The tokens scored per evaluation set, primary first (peer_sweeps.data.evaluation_sample): the same for
+    every trial of a study and for `peer-sweeps eval`."""
+    from .data import evaluation_sample
+
+    sample = None if eval_tokens == "all" else int(eval_tokens)
+    return {name: evaluation_sample(tokens, data.eot_id, sample, seq_len) for name, tokens in data.eval_sets.items()}
+
+
+def evaluate_sets(module, eval_sets: dict, data, seq_len: int, batch: int, device) -> dict[str, Any]:
+    """loss, ppl, routing statistics (primary set) and ppl_, bpb_, eval_tokens_<set> for every set."""
+    from model import summarize_routing
+
+    from .data import evaluate_lm
+
+    results: dict[str, Any] = {}
+    for name, tokens in eval_sets.items():
+        module.collect_routing_stats(name == data.primary)
+        out = evaluate_lm(module, tokens, seq_len, batch, len(tokens), data.token_bytes, device)
+        if name == data.primary:
+            results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(module.routing_scores()))
+        results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
+        results[f"eval_tokens_{name}"] = int(out["tokens"])
+    module.collect_routing_stats(False)
+    return results
 
 
 class DivergedError(Exception):
@@ -238,7 +271,8 @@ class TrialWorker:
         self.eval_steps = evenly_spaced_steps(self.total_steps, self.training["evals"])
         self.checkpoint_steps = evenly_spaced_steps(self.total_steps, self.training["checkpoints"])
         self.flops_per_step = trial.train_flops_per_token * trial.batch_tokens
-        self.eval_batch = max(1, min(16, self.sequences))
+        self.eval_batch = eval_batch_size(trial)
+        self.eval_sets = data.eval_sets  # `set_up` narrows them to the study's sample
         self.fault = fault or Fault("", trial.trial_id, Path("."))
         self.start_step = 0
         self.state: dict[str, Any] = {"train_seconds": 0.0, "first_loss": None}
@@ -293,6 +327,7 @@ class TrialWorker:
         )
         directory = Path(config["trial_dir"])
         worker = cls(trial, data, rank, world, engine, tables, Fault(config.get("fault", ""), trial.trial_id, directory))
+        worker.eval_sets = evaluation_sets(data, trial.data["eval_tokens"], trial.seq_len)
         restored = load_latest_checkpoint(engine)
         if restored:
             worker.start_step, worker.state = restored["step"], restored["state"]
@@ -406,9 +441,9 @@ class TrialWorker:
 
         module, data, trial = self.engine.module, self.data, self.trial
         sums, routing = [], []
-        for name, tokens in data.eval_sets.items():
+        for name, tokens in self.eval_sets.items():
             module.collect_routing_stats(name == data.primary)
-            sums.append(evaluation_sums(module, tokens, trial.seq_len, self.eval_batch, trial.data["eval_tokens"],
+            sums.append(evaluation_sums(module, tokens, trial.seq_len, self.eval_batch, len(tokens),
                                         data.token_bytes, self.device, self.rank, self.world))
             if name == data.primary:
                 routing = [scores.clone() for scores in module.routing_scores()]
@@ -426,11 +461,12 @@ class TrialWorker:
         n_sums = evaluated["sets"] * len(EVALUATION_SUMS)
         sums, routing = packed[:n_sums].view(evaluated["sets"], -1), packed[n_sums:].split(evaluated["routing"])
         results: dict[str, Any] = {}
-        for name, set_sums in zip(self.data.eval_sets, sums):
+        for name, set_sums in zip(self.eval_sets, sums):
             out = evaluation_metrics(set_sums)
             if name == self.data.primary:
                 results.update(loss=out["loss"], ppl=out["ppl"], **summarize_routing(list(routing)))
             results[f"ppl_{name}"], results[f"bpb_{name}"] = out["ppl"], out["bpb"]
+            results[f"eval_tokens_{name}"] = int(out["tokens"])
         return results
 
     def checkpoint(self, step: int, train_loss: float) -> None:

@@ -30,7 +30,7 @@ def data_root(tmp_path_factory) -> Path:
 def study_dict(data_root: Path, budgets=(1.0e9, 2.0e9), **sections) -> dict:
     study = {
         "name": "tiny",
-        "data": {"suite": "fixture", "vocab_size": VOCAB_SIZE, "eval_tokens": 512, "root": str(data_root)},
+        "data": {"suite": "fixture", "vocab_size": VOCAB_SIZE, "root": str(data_root)},
         "training": {"seq_len": 32, "batch_tokens": 256, "lr": 3.0e-3, "evals": 1, "checkpoints": 1,
                      "zero_stage": 2, "max_failures": 0},
         "model": {"head_dim": 16},

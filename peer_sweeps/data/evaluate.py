@@ -1,4 +1,5 @@
-"""Evaluation on a fixed number of tokens, and the deterministic training batch sampler."""
+"""Evaluation: which tokens of a set are scored (`evaluation_sample`), scoring them (`evaluate_lm`); and the
+deterministic training batch sampler."""
 
 from __future__ import annotations
 
@@ -7,6 +8,35 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+MIN_SAMPLE_TOKENS = 131_072  # a study's smallest sample per set (data.eval_tokens): ~40-200 documents here
+SAMPLE_SEED = 0  # one seed for every study: every trial, and `peer-sweeps eval`, scores the same tokens
+
+
+def scored_tokens(n_tokens: int, seq_len: int) -> int:
+    """Targets `evaluate_lm` scores in n_tokens tokens: seq_len per whole window of seq_len + 1."""
+    return n_tokens // (seq_len + 1) * seq_len
+
+
+def evaluation_sample(tokens: np.ndarray, eot_id: int, sample_tokens: int | None, seq_len: int,
+                      seed: int = SAMPLE_SEED) -> np.ndarray:
+    """The tokens of an evaluation set that are scored: the whole split (sample_tokens None, or a split that
+    scores no more than sample_tokens), else a seeded simple random sample of whole documents, drawn from
+    all documents of the split whatever their source (each source is represented in proportion to its
+    documents, on average), the fewest in the sample's random order that score at least sample_tokens
+    targets; the chosen documents are joined in the split's order. The split holds documents each preceded
+    by the end-of-text token. Depends only on its arguments: the same tokens for every trial of a study."""
+    if sample_tokens is None or scored_tokens(len(tokens), seq_len) <= sample_tokens:
+        return np.asarray(tokens)
+    starts = np.flatnonzero(np.asarray(tokens) == eot_id)
+    assert len(starts) and starts[0] == 0, "an evaluation split starts with the end-of-text token"
+    ends = np.append(starts[1:], len(tokens))
+    order = np.random.default_rng(seed).permutation(len(starts))
+    total = np.cumsum((ends - starts)[order])
+    count = int(np.searchsorted(total // (seq_len + 1) * seq_len, sample_tokens)) + 1
+    chosen = np.sort(order[:count])
+    return np.concatenate([tokens[starts[i]:ends[i]] for i in chosen])
 
 
 @torch.no_grad()

@@ -244,6 +244,10 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
                          " (still running); they are not drawn.")
     if trials.empty:
         notes.append("No trials yet: nothing to fit or draw.")
+    if ((trials["method"] == "moe") & trials["top_k"].isna()).any():  # top_k is null for expert choice
+        notes.append("MoE uses expert-choice routing, which is not causal: each expert picks its tokens across the"
+                     " whole batch, future tokens included, at evaluation too, so its perplexity is not that of a"
+                     " causal language model (the paper's MoE baseline routes the same way).")
     doc.bullets(notes)
     doc.paragraph("**Does PEER beat dense, MoE and PKM at equal compute?** "
                   + answer(verdicts, optimal, tables.equal_time_best(results)))

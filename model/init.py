@@ -42,11 +42,15 @@ STD = 0.02
 
 
 def activation_rms(activation, std: float) -> float:
-    """RMS of activation(z) for z ~ N(0, std^2), by quadrature on a fixed grid (deterministic)."""
-    z = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)
-    density = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
-    values = activation(z * std) ** 2 * density
-    return math.sqrt(float(torch.trapezoid(values, z)))
+    """RMS of activation(z) for z ~ N(0, std^2), by quadrature on a fixed grid (deterministic). A number, not
+    a tensor: computed on the CPU even while the model is built on another device or under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.device("cpu"):
+        z = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)
+        density = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+        values = activation(z * std) ** 2 * density
+        return math.sqrt(float(torch.trapezoid(values, z)))
 
 
 def residual_std(n_layers: int) -> float:

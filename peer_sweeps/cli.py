@@ -143,7 +143,7 @@ def _print_plan(spec, trials) -> None:
                       _minutes(t.estimated_cpu_seconds()), f"{t.estimated_gpu_hours():.3g}")
     cpu = sum(t.estimated_cpu_seconds() for t in trials)
     gpu = sum(t.estimated_gpu_hours() for t in trials)
-    Console(width=220).print(table)
+    Console(width=240).print(table)
     per_method = ", ".join(f"{m} {sum(t.gpu_hours for t in trials if t.method == m):.3g}"
                            for m in dict.fromkeys(t.method for t in trials))
     typer.echo(f"total: {sum(t.total_flops for t in trials):.3g} FLOPs; about {_minutes(cpu)} of one CPU worker, "

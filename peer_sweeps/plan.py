@@ -247,9 +247,12 @@ def _capacity(study: Study, cfg: ModelConfig, cell: str, steps: int) -> dict[str
                              f"worker even at micro-batch 1, more than resources.gpu_memory_gb={r.gpu_memory_gb:g}; "
                              f"raise resources.workers_per_trial or training.zero_stage, or use larger GPUs")
     checkpoint = capacity.checkpoint_bytes(cfg, precision, t.zero_stage, row_sparse)
+    from .data.evaluate import MIN_SAMPLE_TOKENS
     from .data.suites import SUITES
 
-    evaluation_tokens = t.evals * (1 + len(SUITES[study.data.suite].eval_sets)) * study.data.eval_tokens
+    # "all" (whole splits, whose sizes the plan does not read): costed as the smallest sample a study may ask for
+    per_set = study.data.eval_tokens if study.data.eval_tokens != "all" else MIN_SAMPLE_TOKENS
+    evaluation_tokens = t.evals * (1 + len(SUITES[study.data.suite].eval_sets)) * per_set
     time = capacity.gpu_time(cfg, seq_len=t.seq_len, batch_tokens=t.batch_tokens, steps=steps, micro_batch=micro,
                              world=r.workers_per_trial, zero_stage=t.zero_stage, precision="bf16" if
                              t.precision == "auto" else t.precision, evaluation_tokens=evaluation_tokens,

@@ -30,7 +30,7 @@ TOLERANCE = 0.08
 
 def smoke_trials(data_root, precision: str, workers: int):
     study = copy.deepcopy(SMOKE)
-    study["data"].update(root=str(data_root), eval_tokens=512)
+    study["data"].update(root=str(data_root), eval_tokens="all")
     study["training"].update(precision=precision, evals=1, checkpoints=1, max_failures=0)
     study["design"] = {"kind": "isoflop", "budgets": [4.95e8], "sizes": [{"d_model": 16, "n_layers": 1}]}
     study["resources"]["workers_per_trial"] = workers

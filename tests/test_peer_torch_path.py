@@ -81,6 +81,15 @@ def test_torch_path_matches_reference_with_duplicate_indices_and_ties(dtype, tol
         assert error(g[name], g_ref[name]) <= tol, name
 
 
+def inside_project_op(mode: TorchDispatchMode, func, args, kwargs):
+    """Runs one of the project's torch ops (peer_sweeps::..., registered for their FLOP formulas) by its
+    Python body with `mode` active, so that the mode sees the aten ops inside it, not one opaque op."""
+    from torch._library.custom_ops import OPDEFS
+
+    with mode:
+        return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
+
+
 class LargestAllocation(TorchDispatchMode):
     """Counts the largest tensor (elements) any op returns while active."""
 
@@ -89,6 +98,8 @@ class LargestAllocation(TorchDispatchMode):
         self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "peer_sweeps":
+            return inside_project_op(self, func, args, kwargs)
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
@@ -139,6 +150,8 @@ class ScatterSums(TorchDispatchMode):
         self.dtypes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "peer_sweeps":
+            return inside_project_op(self, func, args, kwargs)
         out = func(*args, **(kwargs or {}))
         if any(name in func.__name__ for name in ("index_add", "embedding_bag_backward", "embedding_bag_dense")):
             self.dtypes.append(out.dtype)

@@ -69,7 +69,7 @@ def meta_only_backend():
 def smoke_trial(data_root, method: str):
     study = copy.deepcopy(SMOKE)
     study["data"]["root"] = str(data_root)
-    study["data"]["eval_tokens"] = 512
+    study["data"]["eval_tokens"] = "all"
     study["methods"] = {method: SMOKE["methods"][method]}
     study["design"] = {"kind": "isoflop", "budgets": [5.0e9], "sizes": [{"d_model": 32, "n_layers": 2}]}
     study["resources"]["workers_per_trial"] = 2

@@ -161,14 +161,14 @@ def isoflop_curves(results: Results, noise: NoiseModel | None = None) -> list[Is
 
 def optimal_table(curves: list[IsoflopCurve], eval_sets: list[str]) -> pd.DataFrame:
     """`optimal.csv` (CONTRACT.md): one row per (method, budget). ppl_opt is always the best trained size's
-    mean over seeds; ppl_opt_lo/hi its 95% t-interval over seeds (empty with one seed); ppl_vertex the
+    mean over seeds; ppl_lo95 / ppl_hi95 its 95% t-interval over seeds (empty with one seed); ppl_vertex the
     parabola's minimum, for comparison only."""
     columns = (["method", "budget_flops", "params_opt", "ppl_opt"] + [f"ppl_opt_{s}" for s in eval_sets]
-               + ["n_points", "flag", "ppl_opt_lo", "ppl_opt_hi", "n_seeds", "n_sizes", "ppl_vertex"])
+               + ["ppl_lo95", "ppl_hi95", "n_seeds", "n_sizes", "ppl_vertex", "n_points", "flag"])
     rows = [
         [c.method, c.budget, c.params_opt, c.ppl_opt] + [c.ppl_opt_sets[s] for s in eval_sets]
-        + [len(c.points), c.fit.flag, float(np.exp(c.interval.lo)), float(np.exp(c.interval.hi)),
-           c.interval.n, c.fit.num_points, float(np.exp(c.fit.y_vertex))]
+        + [float(np.exp(c.interval.lo)), float(np.exp(c.interval.hi)), c.interval.n, c.fit.num_points,
+           float(np.exp(c.fit.y_vertex)), len(c.points), c.fit.flag]
         for c in curves
     ]
     return pd.DataFrame(rows, columns=columns)

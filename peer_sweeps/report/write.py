@@ -103,7 +103,7 @@ def _optimal_display(optimal: pd.DataFrame) -> pd.DataFrame:
     for _, o in optimal.iterrows():
         rows.append({"method": method_label(o["method"]), "budget (FLOPs)": format_flops(o["budget_flops"]),
                      "params_opt": format_count(o["params_opt"]), "ppl_opt": _ppl(o["ppl_opt"]),
-                     "95% CI over seeds": _interval(o["ppl_opt_lo"], o["ppl_opt_hi"]), "seeds": o["n_seeds"],
+                     "95% CI over seeds": _interval(o["ppl_lo95"], o["ppl_hi95"]), "seeds": o["n_seeds"],
                      "parabola min": _ppl(o["ppl_vertex"]), "sizes": o["n_sizes"], "flag": o["flag"] or ""})
     return pd.DataFrame(rows)
 

@@ -139,7 +139,12 @@ def _ablation_cells(study: Study, design: AblationDesign):
             else:
                 overrides[name] = value
         for budget in design.budgets or (None,):
-            yield design.method, design.size, overrides, budget, design.tokens
+            for size in design.all_sizes:
+                yield design.method, size, overrides, budget, design.tokens
+    if design.reference:
+        for budget in design.budgets or (None,):
+            for size in design.all_sizes:
+                yield design.reference, size, {}, budget, design.tokens
 
 
 def _cell_name(method: str, size: ModelSize, overrides: dict, budget: float | None) -> str:

@@ -180,15 +180,27 @@ class AblationAxes(_Spec):
 
 
 class AblationDesign(_Spec):
+    """Crossed axes of one sparse method at one size (`size`) or, for isoFLOP curves per setting (the
+    paper's Fig. 3), at several (`sizes`); `reference: dense` adds dense trials at the same sizes and
+    budgets, drawn beside the curves."""
+
     kind: Literal["ablation"] = "ablation"
     method: Literal["moe", "pkm", "peer"]
-    size: ModelSize
+    size: ModelSize | None = None
+    sizes: tuple[ModelSize, ...] | None = Field(None, min_length=1)
+    reference: Literal["dense"] | None = None
     axes: AblationAxes
     budgets: tuple[float, ...] | None = Field(None, min_length=1)  # FLOPs; or a fixed number of tokens:
     tokens: int | None = Field(None, ge=1)
 
+    @property
+    def all_sizes(self) -> tuple[ModelSize, ...]:
+        return self.sizes if self.sizes is not None else (self.size,)
+
     @model_validator(mode="after")
     def _horizon(self):
+        if (self.size is None) == (self.sizes is None):
+            raise ValueError("give exactly one of size or sizes")
         if (self.budgets is None) == (self.tokens is None):
             raise ValueError("give exactly one of budgets or tokens")
         if not self.axes.items():
@@ -253,6 +265,8 @@ class Study(_Spec):
     def _ablated_method_is_configured(self):
         if isinstance(self.design, AblationDesign) and self.design.method not in self.methods:
             raise ValueError(f"design.method {self.design.method!r} is not among methods {sorted(self.methods)}")
+        if isinstance(self.design, AblationDesign) and self.design.reference and self.design.reference not in self.methods:
+            raise ValueError(f"design.reference {self.design.reference!r} is not among methods {sorted(self.methods)}")
         return self
 
 

@@ -7,7 +7,8 @@ log-perplexity is a parabola in log10(params_backbone) whose vertex `true_vertex
 - TWO_POINTS: (pkm, 1e17) has only 2 completed sizes, the rest failed (out of memory);
 - OUTLIER: one (peer, 1e18) point has perplexity 40% too high, next to the vertex;
 - DIVERGED: the largest (dense, 1e17) model diverged with seed 0;
-plus ablation trials of PEER (num_experts x query BN; heads x top_k) with usage and unevenness, one failed.
+plus ablation trials of PEER (num_experts x query BN; heads x top_k) with usage and unevenness, one failed,
+and isoFLOP curves of two numbers of experts at three sizes with a dense reference (the paper's Fig. 3a).
 """
 
 from __future__ import annotations
@@ -141,6 +142,13 @@ def _ablation_rows(rng: np.random.Generator, noise: float, seeds: int) -> list[d
             log_ppl = base + 0.04 * (math.log2(128) - math.log2(heads * top_k)) ** 2 / 4
             rows.append(_trial_row(ABLATION_STUDY, "ablation", "peer", budget, x, log_ppl + rng.normal(0, noise),
                                    1000 + len(rows), rng, noise, seed, num_experts=65536, heads=heads, top_k=top_k))
+        for offset in (-0.2, 0.0, 0.2):  # Fig. 3a style: isoFLOP curves per N at 3 sizes, dense as reference
+            for method, num_experts in (("peer", 1024), ("peer", 16384), ("dense", None)):
+                gain = GAIN[method] + (0.015 * (math.log2(num_experts) - 10) if num_experts else 0.0)
+                log_ppl = base + GAIN["peer"] - gain + CURVATURE * offset**2 + rng.normal(0, noise)
+                row = _trial_row(ABLATION_STUDY, "ablation", method, 1e19, x + offset, log_ppl, 1000 + len(rows),
+                                 rng, noise, seed, num_experts=num_experts)
+                rows.append(row)
     failed = _trial_row(ABLATION_STUDY, "ablation", "peer", budget, x, base, 1000 + len(rows), rng, noise,
                         num_experts=262144)
     _fail(failed, "failed", "ray.exceptions.RayTaskError: worker died (out of host memory)")

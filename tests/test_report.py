@@ -17,12 +17,13 @@ from peer_sweeps.report import write_report
 from peer_sweeps.report.write import answer
 from synthetic_results import ABLATION_STUDY, EVAL_SETS, STUDY, synthetic_tables, write_synthetic_results
 
-FIGURES = ["isoflop.png", "frontier.png", "ablations.png", "curves_isoflop.png", "curves_ablation.png"]
+FIGURES = ["isoflop.png", "frontier.png", "ablations.png", "ablation_isoflop.png", "usage.png", "curves_isoflop.png",
+           "curves_ablation.png"]
 TABLES = ["optimal.csv", "verdicts.csv", "seed_noise.csv", "isoflop_fits.csv", "approach3.csv", "parametric_fits.csv", "power_laws.csv", "table1.csv", "iso_time.csv", "ablations.csv",
           "table2.csv", "failed_trials.csv", "status_counts.csv"]
 CONTRACT_COLUMNS = (["method", "budget_flops", "params_opt", "ppl_opt"] + [f"ppl_opt_{s}" for s in EVAL_SETS]
+                    + ["ppl_lo95", "ppl_hi95", "n_seeds", "n_sizes", "ppl_vertex"]  # ours, beside the contract's
                     + ["n_points", "flag"])
-EXTRA_COLUMNS = ["ppl_opt_lo", "ppl_opt_hi", "n_seeds", "n_sizes", "ppl_vertex"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +64,7 @@ def test_html_embeds_its_images(report):
 def test_optimal_csv_has_the_contract_columns(report):
     out, _ = report
     optimal = pd.read_csv(out / "optimal.csv", keep_default_na=False)
-    assert list(optimal.columns) == CONTRACT_COLUMNS + EXTRA_COLUMNS
+    assert list(optimal.columns) == CONTRACT_COLUMNS
     assert len(optimal) == 12  # 4 methods x 3 budgets
     flags = optimal.set_index(["method", "budget_flops"])["flag"]
     assert flags[("moe", 1e19)].startswith("minimum at edge of grid")
@@ -76,7 +77,7 @@ def test_markdown_summary_and_failures(report):
     out, trials = report
     md = (out / "report.md").read_text()
     assert STUDY in md and ABLATION_STUDY in md
-    assert "| all | 275 | 16 | 1 | 292 |" in md  # kind, completed, failed, diverged, total (3 seeds)
+    assert "| all | 302 | 16 | 1 | 319 |" in md  # kind, completed, failed, diverged, total (3 seeds)
     assert "equal compute?** Yes. " in md
     assert "against dense: better at 3 of 3 budget(s)" in md and "against MoE: better at 3 of 3 budget(s)" in md
     for figure in FIGURES:
@@ -84,7 +85,9 @@ def test_markdown_summary_and_failures(report):
     for _, row in trials[trials["status"] != "completed"].iterrows():
         assert row["trial_id"] in md and row["error"] in md
     table2 = pd.read_csv(out / "table2.csv")
-    assert len(table2) == 8 and set(table2["query_bn"]) == {True, False}  # 4 num_experts x query BN
+    query_bn = table2[table2["budget_flops"] == 1e18]
+    assert len(query_bn) == 8 and set(query_bn["query_bn"]) == {True, False}  # 4 num_experts x query BN
+    assert len(table2) == 8 + 6  # and the Fig. 3a curves: 2 num_experts x 3 sizes
     assert (table2["n_trials"] % 3 == 0).all()  # the seeds of each setting averaged
 
 
@@ -122,9 +125,9 @@ def test_report_when_every_trial_failed(tmp_path):
     write_report(tmp_path)
     md = (out / "report.md").read_text()
     assert "No isoFLOP trial has completed yet" in md
-    assert "| all | 0 | 292 | 0 | 292 |" in md
+    assert "| all | 0 | 319 | 0 | 319 |" in md
     assert not any((out / f).exists() for f in FIGURES)
-    assert list(pd.read_csv(out / "optimal.csv").columns) == CONTRACT_COLUMNS + EXTRA_COLUMNS
+    assert list(pd.read_csv(out / "optimal.csv").columns) == CONTRACT_COLUMNS
     assert "<img" not in (out / "report.html").read_text()
 
 

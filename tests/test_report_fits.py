@@ -125,7 +125,7 @@ def test_optimal_table_and_power_law(curves):
         ratio = optimal[f"ppl_opt_{name}"] / optimal["ppl_opt"]
         np.testing.assert_allclose(ratio, np.exp(SET_OFFSETS[name]), rtol=0.02)
     np.testing.assert_allclose(optimal[f"ppl_opt_{eval_sets[0]}"], optimal["ppl_opt"])
-    assert (optimal["ppl_opt_lo"] < optimal["ppl_opt"]).all() and (optimal["ppl_opt"] < optimal["ppl_opt_hi"]).all()
+    assert (optimal["ppl_lo95"] < optimal["ppl_opt"]).all() and (optimal["ppl_opt"] < optimal["ppl_hi95"]).all()
     table, laws = power_laws(optimal)
     assert laws["dense"].exponent == pytest.approx(0.5, abs=0.03)
     assert "moe" not in laws and "pkm" not in laws and "peer" not in laws  # each has a flagged budget

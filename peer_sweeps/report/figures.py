@@ -221,7 +221,9 @@ def _series_label(row: pd.Series, keys: list[str]) -> str:
 
 
 def format_experts(n: float) -> str:
-    """1024 -> 32^2 (product keys: N is a square); else the number."""
+    """1024 -> 32^2 (product keys: N is a square); else the number; "-" for none (dense)."""
+    if n is None or not np.isfinite(n):
+        return "-"
     root = math.isqrt(int(n))
     return f"{root}²" if root * root == int(n) and root >= 4 else f"{int(n)}"
 
@@ -275,6 +277,78 @@ def ablation_figure(points: pd.DataFrame, path: Path) -> Path | None:
             ax.set_title(title)
         fig.suptitle("PEER ablations (completed trials, mean over seeds)")
         fig.tight_layout()
+        return _save(fig, path)
+
+
+def ablation_isoflop_figure(points: pd.DataFrame, path: Path) -> Path | None:
+    """The paper's Fig. 3 from ablations run at several sizes: per ablated variable (number of experts,
+    active experts) and budget, perplexity against backbone size, one line per setting (mean over seeds,
+    bar: 95% interval over seeds), and the dense reference trials of the same study in black."""
+    sparse = points[points["method"] != "dense"]
+    dense = points[points["method"] == "dense"]
+    panels = []
+    for variable, label in (("num_experts", "N"), ("active_experts", "h*k")):
+        others = [k for k in ("num_experts", "active_experts", "query_bn") if k != variable]
+        for (budget, *_), block in sparse.groupby(["budget_flops"] + others, dropna=False):
+            if block[variable].nunique() >= 2 and block.groupby(variable)["params_backbone"].nunique().min() >= 2:
+                panels.append((variable, label, budget, block))
+    if not panels:
+        return None
+    with plt.rc_context(STYLE):
+        fig, axes = _grid(len(panels), width=5.6, height=4.2)
+        for ax, (variable, label, budget, block) in zip(axes, panels):
+            cmap = plt.get_cmap("viridis")
+            values = sorted(block[variable].unique())
+            for i, value in enumerate(values):
+                line = block[block[variable] == value].sort_values("params_backbone")
+                yerr = np.array([line["ppl"] - line["ppl_lo"], line["ppl_hi"] - line["ppl"]])
+                text = format_experts(value) if variable == "num_experts" else f"{value:g}"
+                ax.errorbar(line["params_backbone"], line["ppl"], yerr=None if np.isnan(yerr).all() else yerr,
+                            fmt="o-", color=cmap(i / max(1, len(values) - 1)), capsize=3, label=f"{label}={text}")
+            ref = dense[dense["budget_flops"] == budget].sort_values("params_backbone")
+            if len(ref):
+                ax.plot(ref["params_backbone"], ref["ppl"], "s--", color="black", label="dense")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            _nice_log_ticks(ax, "x")
+            _nice_log_ticks(ax, "y", _plain)
+            ax.set_xlabel(PARAMS_LABEL)
+            ax.set_ylabel(PPL_LABEL)
+            ax.set_title(f"{'(a) experts N' if variable == 'num_experts' else '(b) active experts h*k'},"
+                         f" {format_flops(budget)} FLOPs")
+            ax.legend(fontsize=8)
+        fig.suptitle("isoFLOP curves of the ablations (paper Fig. 3): mean over seeds, 95% interval")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def usage_figure(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path | None:
+    """Expert usage and unevenness at the evaluation steps of every PKM / PEER trial, one line per trial,
+    one colour per setting of the ablated variables: whether usage collapses during training."""
+    meta = trials[trials["method"].isin(["pkm", "peer"]) & trials["status"].isin(["completed", "diverged"])]
+    data = curves[curves["trial_id"].isin(meta["trial_id"]) & curves["usage"].notna()]
+    if data.empty:
+        return None
+    meta = meta[meta["trial_id"].isin(data["trial_id"])]
+    colors = _ablation_colors(meta)
+    with plt.rc_context(STYLE):
+        fig, (ax_u, ax_e) = plt.subplots(1, 2, figsize=(12, 4.4))
+        for trial_id, curve in data.groupby("trial_id"):
+            curve = curve.sort_values("tokens")
+            color, label = colors[trial_id]
+            ax_u.plot(curve["tokens"], 100 * curve["usage"].astype(float), "o-", color=color, ms=3, lw=1, label=label)
+            ax_e.plot(curve["tokens"], curve["unevenness"].astype(float), "o-", color=color, ms=3, lw=1)
+        ax_u.set_ylabel("expert usage (%)")
+        ax_e.set_ylabel("unevenness (KL from uniform, nats)")
+        for ax in (ax_u, ax_e):
+            ax.set_xlabel("training tokens")
+        ax_u.set_ylim(0, 102)
+        fig.legend(*ax_u.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
+        fig.suptitle("Expert usage and unevenness over training (evaluation steps of the PKM and PEER trials)")
+        rows = math.ceil(len(ax_u.get_legend_handles_labels()[0]) / 3)
+        fig.set_figheight(fig.get_figheight() + 0.25 * rows)
+        fig.tight_layout(rect=(0, 0.25 * rows / fig.get_figheight() + 0.02, 1, 1))
         return _save(fig, path)
 
 

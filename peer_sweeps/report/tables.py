@@ -161,14 +161,14 @@ def isoflop_curves(results: Results, noise: NoiseModel | None = None) -> list[Is
 
 def optimal_table(curves: list[IsoflopCurve], eval_sets: list[str]) -> pd.DataFrame:
     """`optimal.csv` (CONTRACT.md): one row per (method, budget). ppl_opt is always the best trained size's
-    mean over seeds; ppl_opt_lo/hi its 95% t-interval over seeds (empty with one seed); ppl_vertex the
+    mean over seeds; ppl_lo95 / ppl_hi95 its 95% t-interval over seeds (empty with one seed); ppl_vertex the
     parabola's minimum, for comparison only."""
     columns = (["method", "budget_flops", "params_opt", "ppl_opt"] + [f"ppl_opt_{s}" for s in eval_sets]
-               + ["n_points", "flag", "ppl_opt_lo", "ppl_opt_hi", "n_seeds", "n_sizes", "ppl_vertex"])
+               + ["ppl_lo95", "ppl_hi95", "n_seeds", "n_sizes", "ppl_vertex", "n_points", "flag"])
     rows = [
         [c.method, c.budget, c.params_opt, c.ppl_opt] + [c.ppl_opt_sets[s] for s in eval_sets]
-        + [len(c.points), c.fit.flag, float(np.exp(c.interval.lo)), float(np.exp(c.interval.hi)),
-           c.interval.n, c.fit.num_points, float(np.exp(c.fit.y_vertex))]
+        + [float(np.exp(c.interval.lo)), float(np.exp(c.interval.hi)), c.interval.n, c.fit.num_points,
+           float(np.exp(c.fit.y_vertex)), len(c.points), c.fit.flag]
         for c in curves
     ]
     return pd.DataFrame(rows, columns=columns)
@@ -364,20 +364,27 @@ ABLATION_KEYS = ["budget_flops", "params_backbone", "expert_heads", "top_k", "nu
 
 
 def ablation_points(results: Results) -> pd.DataFrame:
-    """Completed ablation trials averaged over seeds: one row per distinct configuration."""
+    """Completed ablation trials averaged over seeds: one row per distinct configuration (perplexity as a
+    geometric mean with its 95% t-interval over seeds; usage and unevenness as means with their sd)."""
     done = results.completed("ablation").copy()
     if done.empty:
-        return pd.DataFrame(columns=["method"] + ABLATION_KEYS + ["active_experts", "ppl", "usage_pct",
-                                                                   "unevenness", "n_trials"])
+        return pd.DataFrame(columns=["method"] + ABLATION_KEYS + ["active_experts", "ppl", "ppl_lo", "ppl_hi",
+                                                                   "usage_pct", "unevenness", "usage_sd_pct",
+                                                                   "unevenness_sd", "n_trials"])
     done["query_bn"] = done["query_bn"].map(lambda v: bool(v) if v is not None and not pd.isna(v) else False)
     for key in ["budget_flops", "params_backbone", "expert_heads", "top_k", "num_experts"]:
         done[key] = pd.to_numeric(done[key], errors="coerce").fillna(-1)  # -1: not set (groupby drops NaN)
     done["usage_pct"] = 100 * pd.to_numeric(done["usage"], errors="coerce")
     done["unevenness"] = pd.to_numeric(done["unevenness"], errors="coerce")
+    done["log_ppl"] = np.log(done["ppl"].astype(float))
     grouped = done.groupby(["method"] + ABLATION_KEYS, as_index=False).agg(
-        ppl=("ppl", "mean"), usage_pct=("usage_pct", "mean"), unevenness=("unevenness", "mean"),
-        n_trials=("trial_id", "count"))
-    grouped = grouped.replace(-1, np.nan)
+        log_ppl=("log_ppl", "mean"), usage_pct=("usage_pct", "mean"), unevenness=("unevenness", "mean"),
+        usage_sd_pct=("usage_pct", "std"), unevenness_sd=("unevenness", "std"), n_trials=("trial_id", "count"))
+    intervals = done.groupby(["method"] + ABLATION_KEYS)["log_ppl"].apply(lambda v: t_interval(v.to_numpy(float)))
+    grouped["ppl"] = np.exp(grouped["log_ppl"])
+    grouped["ppl_lo"] = [np.exp(i.lo) for i in intervals]
+    grouped["ppl_hi"] = [np.exp(i.hi) for i in intervals]
+    grouped = grouped.drop(columns="log_ppl").replace(-1, np.nan)
     grouped["active_experts"] = grouped["expert_heads"] * grouped["top_k"]
     return grouped
 
@@ -394,7 +401,8 @@ def table2(points: pd.DataFrame) -> pd.DataFrame:
     if not blocks:
         return pd.DataFrame(columns=list(points.columns))
     return pd.concat(blocks, ignore_index=True)[setting + ["num_experts", "query_bn", "active_experts", "ppl",
-                                                          "usage_pct", "unevenness", "n_trials"]]
+                                                          "ppl_lo", "ppl_hi", "usage_pct", "usage_sd_pct",
+                                                          "unevenness", "unevenness_sd", "n_trials"]]
 
 
 def failures_table(results: Results) -> pd.DataFrame:

@@ -18,7 +18,8 @@ from peer_sweeps.report.render import Document
 from peer_sweeps.report.results import Results, load_results
 from peer_sweeps.report.tables import BASELINE, method_label, sorted_methods
 
-FIGURES = ("isoflop.png", "frontier.png", "ablations.png", "curves_isoflop.png", "curves_ablation.png")
+FIGURES = ("isoflop.png", "frontier.png", "ablations.png", "ablation_isoflop.png", "usage.png", "curves_isoflop.png",
+           "curves_ablation.png")
 
 
 def _ppl(v: float) -> str:
@@ -102,7 +103,7 @@ def _optimal_display(optimal: pd.DataFrame) -> pd.DataFrame:
     for _, o in optimal.iterrows():
         rows.append({"method": method_label(o["method"]), "budget (FLOPs)": format_flops(o["budget_flops"]),
                      "params_opt": format_count(o["params_opt"]), "ppl_opt": _ppl(o["ppl_opt"]),
-                     "95% CI over seeds": _interval(o["ppl_opt_lo"], o["ppl_opt_hi"]), "seeds": o["n_seeds"],
+                     "95% CI over seeds": _interval(o["ppl_lo95"], o["ppl_hi95"]), "seeds": o["n_seeds"],
                      "parabola min": _ppl(o["ppl_vertex"]), "sizes": o["n_sizes"], "flag": o["flag"] or ""})
     return pd.DataFrame(rows)
 
@@ -141,6 +142,11 @@ def _table1_display(optimal: pd.DataFrame, t1: pd.DataFrame, eval_sets: list[str
     return pd.DataFrame(rows)
 
 
+def _spread(sd, fmt: str) -> str:
+    """ ± the seeds' sd, or nothing with one seed."""
+    return f" ± {fmt.format(_num(sd))}" if np.isfinite(_num(sd)) else ""
+
+
 def _table2_display(t2: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in t2.iterrows():
@@ -150,8 +156,10 @@ def _table2_display(t2: pd.DataFrame) -> pd.DataFrame:
                      else "-",
                      "N": _or_dash(lambda n: f"{format_experts(n)} ({int(n)})", r["num_experts"]),
                      "query BN": "yes" if r["query_bn"] else "no", "perplexity": _ppl(r["ppl"]),
-                     "usage (%)": _or_dash(lambda v: f"{v:.1f}", r["usage_pct"]),
-                     "unevenness": _or_dash(lambda v: f"{v:.3f}", r["unevenness"]),
+                     "95% CI": _interval(_num(r["ppl_lo"]), _num(r["ppl_hi"])),
+                     "usage (%)": _or_dash(lambda v: f"{v:.1f}", r["usage_pct"]) + _spread(r["usage_sd_pct"], "{:.1f}"),
+                     "unevenness": _or_dash(lambda v: f"{v:.3f}", r["unevenness"])
+                     + _spread(r["unevenness_sd"], "{:.3f}"),
                      "trials": int(r["n_trials"])})
     return pd.DataFrame(rows)
 
@@ -218,6 +226,9 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
         "frontier.png": figures.frontier_figure(curves, iso_time, results.completed("isoflop"), laws,
                                                 out / "frontier.png"),
         "ablations.png": figures.ablation_figure(points, out / "ablations.png"),
+        "ablation_isoflop.png": figures.ablation_isoflop_figure(points, out / "ablation_isoflop.png"),
+        "usage.png": figures.usage_figure(results.curves, trials, out / "usage.png")
+        if results.curves is not None else None,
     }
     for kind in ("isoflop", "ablation"):
         name = f"curves_{kind}.png"
@@ -344,6 +355,9 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
     if drawn["ablations.png"]:
         doc.figure(drawn["ablations.png"], "Ablation perplexity against the number of experts and against the number"
                    " of active experts (heads x top-k).")
+    if drawn["ablation_isoflop.png"]:
+        doc.figure(drawn["ablation_isoflop.png"], "Fig. 3 style: isoFLOP curves of each setting of the ablated"
+                   " variable (mean over seeds, bar: 95% interval over seeds), the dense reference in black.")
     if len(t2):
         doc.paragraph("Table 2 style: per number of experts, without and with query batch norm. Usage: share of"
                       " experts retrieved at least once on the validation set; unevenness: KL divergence of the"
@@ -352,6 +366,11 @@ def _build(results: Results, results_dir: Path, out: Path) -> Document:
     if not drawn["ablations.png"] and not len(t2):
         doc.paragraph("No completed ablation trials that vary the number of experts, the active experts or query"
                       " batch norm." if len(points) else "No completed ablation trials.")
+
+    if drawn["usage.png"]:
+        doc.figure(drawn["usage.png"], "Expert usage and unevenness at each evaluation step, one line per PKM or"
+                   " PEER trial: a usage that falls during training is a collapse of the retrieval, not of the"
+                   " evaluation.")
 
     doc.heading("Training curves")
     for kind in ("isoflop", "ablation"):

@@ -179,7 +179,7 @@ def step_worker() -> None:
     try:
         from peer_sweeps.plan import load_and_plan
     except ImportError:  # before issue 21 it lived in study.py
-        from peer_sweeps.study import load_and_plan
+        from peer_sweeps.plan import load_and_plan
     from cluster.deepspeed_config import build_engine, deepspeed_config
     from cluster.eager_adamw import EagerAdamW
     from model import build_model

@@ -293,7 +293,7 @@ def _leave_half_written_files(out: Path, study: Path, monkeypatch, writer_pid: i
     study file, a trial's record, both Parquet files, a trial's config.json and its metrics.jsonl. Returns
     the files left."""
     from peer_sweeps.results import ResultsDir, write_atomic
-    from peer_sweeps.study import load_and_plan
+    from peer_sweeps.plan import load_and_plan
     from peer_sweeps.tracking import MetricsLog
     from peer_sweeps.trial import run_trial
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from peer_sweeps.study import load_and_plan, load_study
+from peer_sweeps.plan import load_and_plan, load_study
 
 DEFAULT = load_study("studies/isoflop.yaml")
 

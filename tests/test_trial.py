@@ -144,7 +144,7 @@ def killed_and_clean(ray_cluster, data_root, tmp_path_factory, monkeypatch_modul
     """The same PEER trial, allowed no worker failure (max_failures 0), twice: once uninterrupted; once
     through `peer-sweeps trial` with its rank-0 worker SIGKILLed after the second of four checkpoints, then
     `peer-sweeps trial` again (the next run)."""
-    spec = make_study(data_root, method="peer", checkpoints=4, evals=2, max_failures=0)
+    spec = make_study(data_root, method="peer", budget=1.95e9, checkpoints=4, evals=2, max_failures=0)  # 33 steps
     (trial,) = plan_study(parse_study(spec))
     clean_dir, killed_dir = tmp_path_factory.mktemp("clean") / "out", tmp_path_factory.mktemp("killed") / "out"
     clean = run_trial(trial, clean_dir, "offline", data_root=data_root)

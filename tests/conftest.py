@@ -57,3 +57,15 @@ def small_study(data_root):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def few_bootstraps():
+    """Approach 3's starts and bootstrap refits take most of a report's time; a few exercise them in a module
+    that asks for this (`pytestmark = pytest.mark.usefixtures("few_bootstraps")`)."""
+    from peer_sweeps.report import parametric
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parametric, "NUM_BOOTSTRAPS", 3)
+        mp.setattr(parametric, "NUM_STARTS", 2)
+        yield

@@ -11,11 +11,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from peer_sweeps.report import parametric
 
 from peer_sweeps.report import write_report
 from peer_sweeps.report.write import answer
 from synthetic_results import ABLATION_STUDY, EVAL_SETS, STUDY, synthetic_tables, write_synthetic_results
+
+pytestmark = pytest.mark.usefixtures("few_bootstraps")
 
 FIGURES = ["isoflop.png", "frontier.png", "ablations.png", "ablation_isoflop.png", "usage.png", "curves_isoflop.png",
            "curves_ablation.png"]
@@ -24,15 +25,6 @@ TABLES = ["optimal.csv", "verdicts.csv", "seed_noise.csv", "isoflop_fits.csv", "
 CONTRACT_COLUMNS = (["method", "budget_flops", "params_opt", "ppl_opt"] + [f"ppl_opt_{s}" for s in EVAL_SETS]
                     + ["ppl_lo95", "ppl_hi95", "n_seeds", "n_sizes", "ppl_vertex"]  # ours, beside the contract's
                     + ["n_points", "flag"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def few_bootstraps():
-    """Approach 3's starts and bootstrap refits take most of a report's time; a few exercise them here."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(parametric, "NUM_BOOTSTRAPS", 3)
-        mp.setattr(parametric, "NUM_STARTS", 2)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from peer_sweeps.report import parametric
-
 from peer_sweeps.report import write_report
 from peer_sweeps.report.results import load_results
 from peer_sweeps.report.seeds import compare, log_pct, verdict
 from peer_sweeps.report.tables import isoflop_curves, verdicts_table
 from synthetic_results import EDGE, TWO_POINTS, synthetic_tables
 
+pytestmark = pytest.mark.usefixtures("few_bootstraps")
+
 GAIN = {"dense": 0.0, "moe": -0.05, "pkm": 0.0, "peer": 0.05}  # log-perplexity below dense
 EXPECTED = {"moe": "worse", "pkm": "indistinguishable", "peer": "better"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def few_bootstraps():
-    """Approach 3's starts and bootstrap refits take most of a report's time; a few exercise them here."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(parametric, "NUM_BOOTSTRAPS", 3)
-        mp.setattr(parametric, "NUM_STARTS", 2)
-        yield
 
 
 def _verdicts(tmp_path, seeds: int) -> pd.DataFrame:

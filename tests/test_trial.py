@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import re
-import struct
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from peer_sweeps.plan import plan_study
 from peer_sweeps.study import parse_study
 from peer_sweeps.tracking import read_metrics
 from peer_sweeps.trial import METRICS_FILE, run_trial, trial_dir
+from wandb_records import history as wandb_history
 
 pytestmark = pytest.mark.slow
 
@@ -309,41 +309,10 @@ def final_table_optimizer(results_dir, trial) -> dict:
     return torch.load(final_checkpoint(results_dir, trial) / "shared.pt", weights_only=False)["expert_tables"]
 
 
-def read_wandb_history(run_file: Path) -> list[dict]:
-    """History rows of a .wandb transaction log, decoded with W&B's own protobuf record schema.
-
-    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte
-    header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
-    import json
-
-    from wandb.proto import wandb_internal_pb2
-
-    data = run_file.read_bytes()
-    assert data[:4] == b":W&B"
-    rows, pending, pos, block = [], b"", 7, 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
-
-
 def test_wandb_offline_run_mirrors_the_local_record(killed_and_clean):
     trial, _, clean_dir, *_ = killed_and_clean
     (run_dir,) = (clean_dir / "wandb").glob(f"offline-run-*-{trial.trial_id}")
-    history = read_wandb_history(run_dir / f"run-{trial.trial_id}.wandb")
+    history = wandb_history(run_dir / f"run-{trial.trial_id}.wandb")
     local = read_metrics(trial_dir(clean_dir, trial.trial_id) / METRICS_FILE)
     assert [h["train_loss"] for h in history] == pytest.approx([r["train_loss"] for r in local])
     assert [h["tokens"] for h in history] == [r["tokens"] for r in local]

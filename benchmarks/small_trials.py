@@ -30,8 +30,9 @@ trial (goal: at most 3 s).
 `steps`: for every method and size of studies/isoflop.yaml, training tokens/s of the trial's own step
 (DeepSpeed ZeRO engine of the study's stage over a one-rank gloo group, torch's AdamW as EagerAdamW, fp32,
 one thread, the study's batch of random tokens; no Ray or W&B) in two persistent subprocesses, one per tree:
-`--base` checked out by `git worktree add` into a temporary directory, and this tree. Each subprocess imports
-only its own tree (PYTHONPATH); the two alternate model by model, `--rounds` times, and the medians of the
+`--base` checked out by `git worktree add` into a temporary directory, and this tree. Both build the models this
+tree plans for the study, from their configuration (fields the older tree lacks dropped, so it builds them as
+it would have), and each imports only its own tree (PYTHONPATH); the two alternate model by model, `--rounds` times, and the medians of the
 per-round medians are compared. The step code is this script's (the same for both trees): it measures what
 the model and engine packages make of a step, not the trial loop's Python around it.
 """
@@ -63,7 +64,8 @@ def subset_study(budget: float, sizes: list[int], methods: list[str] | None, out
     study["data"].update({"suite": suite} if suite else {}, **({"root": data_root} if data_root else {}))
     if methods:
         study["methods"] = {m: study["methods"][m] for m in methods}
-    kept = [s for s in study["design"]["sizes"] if s["d_model"] in sizes and budget in s.get("budgets", [budget])]
+    kept = [s for s in study["design"]["sizes"]  # YAML 1.1 reads 8.0e10 (no exponent sign) as a string
+            if s["d_model"] in sizes and budget in [float(b) for b in s.get("budgets", [budget])]]
     if not kept:
         raise SystemExit(f"no size of {STUDY.name} among d_model {sizes} at budget {budget:g}")
     study["design"] = {"kind": "isoflop", "budgets": [budget], "sizes": [{k: v for k, v in s.items() if k != "budgets"}
@@ -170,45 +172,38 @@ def _concurrency(rows: list[dict]) -> int:
 
 
 def step_worker() -> None:
-    """Serves measurements over stdin/stdout: one JSON request per line {"key": ..., "steps": n}, one JSON answer.
+    """Serves measurements over stdin/stdout: one JSON request per line {"key", "model", "training",
+    "steps", "warmup"} (study_models), one JSON answer.
     Imports only the tree on PYTHONPATH (this file's directory is not a package root)."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    try:
-        from peer_sweeps.plan import load_and_plan
-    except ImportError:  # before issue 21 it lived in study.py
-        from peer_sweeps.plan import load_and_plan
     from cluster.deepspeed_config import build_engine, deepspeed_config
     from cluster.eager_adamw import EagerAdamW
     from model import build_model
+    from model.config import ModelConfig
     from peer_sweeps.trial import param_groups
 
     torch.set_num_threads(1)
     store = tempfile.mktemp(prefix="small-trials-gloo-")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    _, trials = load_and_plan(Path.cwd() / "studies" / STUDY.name)  # the tree's own copy of the study
-    models: dict[str, object] = {}
-    for trial in trials:
-        models.setdefault(model_key(trial), trial)
     engines: dict[str, tuple] = {}
-    print(json.dumps({"ready": sorted(models), "tree": os.environ["PYTHONPATH"]}), flush=True)
+    print(json.dumps({"ready": True, "tree": os.environ["PYTHONPATH"]}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         key = request["key"]
-        if key not in engines:
-            trial = models[key]
-            training = trial.training
-            torch.manual_seed(trial.seed)
-            model = build_model(trial.model_config)
-            sequences = trial.batch_tokens // trial.seq_len
+        if key not in engines:  # the model as this tree builds it, from the configuration this tree can read
+            spec, training = request["model"], request["training"]
+            torch.manual_seed(0)
+            model = build_model(ModelConfig.model_validate(_known_fields(ModelConfig, spec)))
+            sequences = training["batch_tokens"] // training["seq_len"]
             optimizer = EagerAdamW(param_groups(model, training["weight_decay"]), lr=training["lr"],
                                    betas=tuple(training["adam_betas"]))
             engine = build_engine(model, optimizer, None,
                                   deepspeed_config(training["zero_stage"], sequences, 1, training["grad_clip"], "fp32", 1))
-            tokens = torch.randint(0, trial.model_config.vocab_size, (sequences, trial.seq_len + 1))
-            engines[key] = (engine, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), trial.batch_tokens)
+            tokens = torch.randint(0, spec["vocab_size"], (sequences, training["seq_len"] + 1))
+            engines[key] = (engine, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), training["batch_tokens"])
         engine, x, y, batch_tokens = engines[key]
         times = []
         for _ in range(request["warmup"] + request["steps"]):
@@ -220,6 +215,41 @@ def step_worker() -> None:
             float(loss.detach().double().cpu())
             times.append(time.perf_counter() - tick)
         print(json.dumps({"tokens_per_s": batch_tokens / statistics.median(times[request["warmup"]:])}), flush=True)
+
+
+def _known_fields(config_class, spec: dict) -> dict:
+    """`spec` (this tree's ModelConfig dump) cut to the fields `config_class` of the tree being measured has:
+    the same architecture, without options an older tree does not know (they default to what it did)."""
+    known = {k: v for k, v in spec.items() if k in config_class.model_fields}
+    sparse = known.get("sparse")
+    if isinstance(sparse, dict):
+        for candidate in _model_classes(config_class.model_fields["sparse"].annotation):
+            if "method" in candidate.model_fields and sparse.get("method") == candidate.model_fields["method"].default:
+                known["sparse"] = {k: v for k, v in sparse.items() if k in candidate.model_fields}
+    return known
+
+
+def _model_classes(annotation) -> list[type]:
+    """The pydantic classes inside a (possibly Optional, Annotated, Union) annotation."""
+    import typing
+
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]
+
+
+def study_models() -> dict[str, dict]:
+    """One request per distinct model of studies/isoflop.yaml (this tree's plan): its config and training."""
+    from peer_sweeps.plan import load_and_plan
+
+    _, trials = load_and_plan(STUDY)
+    models = {}
+    for trial in trials:
+        training = {k: trial.training[k] for k in ("lr", "weight_decay", "adam_betas", "zero_stage", "grad_clip")}
+        models.setdefault(model_key(trial), {"model": trial.model_config.model_dump(mode="json"),
+                                             "training": training | {"batch_tokens": trial.batch_tokens,
+                                                                     "seq_len": trial.seq_len}})
+    return models
 
 
 def model_key(trial) -> str:
@@ -236,7 +266,7 @@ class StepWorker:
         self.tree = tree
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "step-worker"], cwd=tree, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.keys = self._answer()["ready"]
+        self._answer()  # ready
 
     def _answer(self) -> dict:
         while True:
@@ -246,8 +276,8 @@ class StepWorker:
             if line.startswith("{"):
                 return json.loads(line)
 
-    def measure(self, key: str, steps: int, warmup: int) -> float:
-        self.proc.stdin.write(json.dumps({"key": key, "steps": steps, "warmup": warmup}) + "\n")
+    def measure(self, key: str, spec: dict, steps: int, warmup: int) -> float:
+        self.proc.stdin.write(json.dumps({"key": key, **spec, "steps": steps, "warmup": warmup}) + "\n")
         self.proc.stdin.flush()
         return self._answer()["tokens_per_s"]
 
@@ -263,7 +293,8 @@ def run_steps(args) -> None:
     workers = {}
     try:
         workers = {"base": StepWorker(base_tree), "this": StepWorker(ROOT)}
-        keys = [k for k in workers["this"].keys if k in workers["base"].keys]
+        models = study_models()
+        keys = list(models)
         if args.models:
             keys = [k for k in keys if any(k.startswith(m) for m in args.models.split(","))]
         loads = [os.getloadavg()[0]]
@@ -271,7 +302,7 @@ def run_steps(args) -> None:
         for key in keys:
             for i in range(args.rounds):  # alternate, starting with each tree every other round
                 for side in (("base", "this") if i % 2 == 0 else ("this", "base")):
-                    figures[key][side].append(workers[side].measure(key, args.steps, args.warmup))
+                    figures[key][side].append(workers[side].measure(key, models[key], args.steps, args.warmup))
             old, new = (statistics.median(figures[key][s]) for s in ("base", "this"))
             print(f"# {key}: {old:,.0f} -> {new:,.0f} tokens/s ({new / old:.2f}x)", file=sys.stderr, flush=True)
         loads.append(os.getloadavg()[0])

@@ -57,13 +57,18 @@ def test_every_study_plans_and_meets_its_budgets(path):
 
 
 def test_cpu_isoflop_study_has_the_promised_shape():
-    trials = plan_study(load_study(ROOT / "studies" / "isoflop.yaml"))
+    """Curves to find a minimum on, at more than one budget, and every cell seeded three times (issue 16)."""
+    study = load_study(ROOT / "studies" / "isoflop.yaml")
+    trials = plan_study(study)
     budgets = {t.budget_flops for t in trials}
-    assert len(budgets) >= 3
+    assert len(budgets) >= 2
+    assert len(study.training.seeds) >= 3
     for budget in budgets:
         for method in ("dense", "moe", "pkm", "peer"):
-            sizes = {t.params_backbone for t in trials if t.budget_flops == budget and t.method == method}
-            assert len(sizes) >= 4, (budget, method)
+            cells = [t for t in trials if t.budget_flops == budget and t.method == method]
+            sizes = {t.params_backbone for t in cells}
+            assert len(sizes) >= 3, (budget, method)
+            assert len(cells) == len(sizes) * len(study.training.seeds), (budget, method)
 
 
 def test_paper_study_uses_the_papers_settings():

@@ -81,6 +81,14 @@ def test_markdown_summary_and_failures(report):
     assert len(query_bn) == 8 and set(query_bn["query_bn"]) == {True, False}  # 4 num_experts x query BN
     assert len(table2) == 8 + 6  # and the Fig. 3a curves: 2 num_experts x 3 sizes
     assert (table2["n_trials"] % 3 == 0).all()  # the seeds of each setting averaged
+    done = trials[(trials["kind"] == "ablation") & (trials["status"] == "completed")]
+    for _, row in query_bn.iterrows():  # how often an expert is retrieved in training, from the trials' own counts
+        same = done[(done["num_experts"] == row["num_experts"]) & (done["budget_flops"] == row["budget_flops"])
+                    & (done["params_backbone"] == row["params_backbone"]) & (done["query_bn"] == row["query_bn"])
+                    & (done["expert_heads"] == row["expert_heads"]) & (done["top_k"] == row["top_k"])]
+        expected = same["tokens"].mean() * row["expert_heads"] * row["top_k"] / row["num_experts"]
+        assert row["retrievals_per_expert"] == pytest.approx(expected)
+    assert f"Here {table2['retrievals_per_expert'].min():,.0f} to" in md and "not the paper's levels" in md
 
 
 def test_answer_follows_the_verdicts():

@@ -11,7 +11,9 @@ Conventions (DeepSpeed's, not ours):
   loop that returns the mean loss of its micro batch trains exactly like one rank holding the global batch.
 """
 
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -29,6 +31,34 @@ Precision = Literal["fp32", "bf16"]
 def set_accelerator_env() -> None:
     """DeepSpeed picks its accelerator at import time; say it instead of letting it guess (and warn)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def deepspeed_extensions_dir() -> Path:
+    """Where DeepSpeed JIT-builds its native ops (on a CPU: the shm communication op every engine loads) for
+    this Python environment: a directory of its own under torch's extensions root.
+
+    torch names an extension's build directory by the extension's name only, and DeepSpeed's op names are
+    fixed, while their build flags hold the environment's include paths. So two checkouts on one machine (a
+    developer's tree and a fresh clone, CI's clone, worktrees) shared one directory and each rebuilt the op
+    over the other's build: about 40 s in the first engine of every Train worker, and a rebuild in every
+    worker of the next run of the other checkout. The PEER kernels need no such care: their build name
+    already hashes their flags (model/peer_kernels.py)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / f"deepspeed-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def deepspeed_op_builds():
+    """Within: torch builds and loads extensions in `deepspeed_extensions_dir()`; the caller's setting after."""
+    before = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(deepspeed_extensions_dir())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = before
 
 
 def worker_device() -> torch.device:
@@ -130,12 +160,13 @@ def build_engine(
         model = model.to(device)  # a no-op for a model built there (model.build_model(cfg, device))
     if model_parameters is None and callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
         model_parameters = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=model_parameters,
-        lr_scheduler=lr_scheduler,
-        config=copy.deepcopy(ds_config),
-        dist_init_required=False,
-    )
+    with deepspeed_op_builds():  # where initialize() loads (first builds) DeepSpeed's communication op
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model_parameters,
+            lr_scheduler=lr_scheduler,
+            config=copy.deepcopy(ds_config),
+            dist_init_required=False,
+        )
     return engine

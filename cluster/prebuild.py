@@ -2,9 +2,10 @@
 
     python -m cluster.prebuild        (`make install` runs it)
 
-Two JIT builds live in ~/.cache/torch_extensions, one per torch installation: the PEER C++ kernels
-(model.peer_kernels, about 1.5-2 min) and DeepSpeed's shared-memory communication op, which every DeepSpeed
-engine on a CPU builds when it starts (about 50 s). A failed build is reported, not fatal: PEER falls back
+Two JIT builds live in ~/.cache/torch_extensions: the PEER C++ kernels (model.peer_kernels, about 1.5-2
+min; one build per source and flags) and DeepSpeed's shared-memory communication op, which every DeepSpeed
+engine on a CPU builds when it starts (about 50 s; one build per Python environment,
+cluster.deepspeed_config.deepspeed_extensions_dir). A failed build is reported, not fatal: PEER falls back
 to its torch kernels, and DeepSpeed builds its op again when an engine needs it.
 """
 
@@ -14,7 +15,7 @@ import time
 
 
 def main() -> int:
-    from cluster.deepspeed_config import set_accelerator_env
+    from cluster.deepspeed_config import deepspeed_op_builds, set_accelerator_env
 
     set_accelerator_env()
     failed = False
@@ -31,7 +32,8 @@ def main() -> int:
         try:
             from deepspeed.comm.torch import build_shm_op
 
-            build_shm_op()
+            with deepspeed_op_builds():
+                build_shm_op()
             print(f"prebuild: DeepSpeed shm op ready ({time.perf_counter() - t0:.0f} s)")
         except Exception as e:  # DeepSpeed retries when an engine starts
             print(f"prebuild: DeepSpeed shm op not built ({type(e).__name__}: {e})", file=sys.stderr)

@@ -396,17 +396,18 @@ def table2(points: pd.DataFrame) -> pd.DataFrame:
     and `retrievals_per_expert`: training tokens x heads x top-k / num_experts, how often an expert is
     retrieved in training on average (what separates a CPU-scale table from the paper's)."""
     setting = ["method", "budget_flops", "params_backbone", "expert_heads", "top_k"]
+    columns = setting + ["num_experts", "query_bn", "active_experts", "ppl", "ppl_lo", "ppl_hi", "usage_pct",
+                         "usage_sd_pct", "unevenness", "unevenness_sd", "n_trials", "retrievals_per_expert"]
     blocks = []
     for _, block in points.groupby(setting, dropna=False):
         if block["num_experts"].nunique() < 2 and block["query_bn"].nunique() < 2:
             continue
         blocks.append(block.sort_values(["num_experts", "query_bn"]))
     if not blocks:
-        return pd.DataFrame(columns=list(points.columns))
+        return pd.DataFrame(columns=columns)
     table = pd.concat(blocks, ignore_index=True)
     table["retrievals_per_expert"] = table["tokens"] * table["active_experts"] / table["num_experts"]
-    return table[setting + ["num_experts", "query_bn", "active_experts", "ppl", "ppl_lo", "ppl_hi", "usage_pct",
-                            "usage_sd_pct", "unevenness", "unevenness_sd", "n_trials", "retrievals_per_expert"]]
+    return table[columns]
 
 
 def failures_table(results: Results) -> pd.DataFrame:

@@ -1,13 +1,13 @@
 """Where a small trial's time goes (issue 19): the trials phase of a subset of the default study, taken apart,
 and the default study's models' training step side by side with an older commit.
 
-    .venv/bin/python benchmarks/small_trials.py phase [--budget 1.5e11] [--sizes 8,32] [--methods ...]
+    .venv/bin/python benchmarks/small_trials.py phase [--budget 1.5e11] [--sizes 8,24] [--methods ...]
     .venv/bin/python benchmarks/small_trials.py steps [--base b2ef9ce] [--rounds 3] [--steps 10]
 
-`phase`: a copy of studies/isoflop.yaml cut to one budget and the given d_model sizes (default: every method
-at d8 and d32 of 1.5e11 FLOPs, 8 trials), run as `peer-sweeps run` runs it (embedded Ray, Ray Tune, one Ray
-Train job running a DeepSpeed engine per trial, W&B offline, as many at a time as the study's resources
-fit). Each trial's row keeps wall-clock timestamps of its parts (the `timings` of results/<id>.json, written
+`phase`: a copy of studies/isoflop.yaml cut to one budget and the given d_model sizes and the study's first seed
+(default: every method at d8 and d24 of 1.5e11 FLOPs, 8 trials), run as `peer-sweeps run` runs it (embedded Ray,
+Ray Tune, one Ray Train job running a DeepSpeed engine per trial, W&B offline, as many at a time as the study's
+resources fit). Each trial's row keeps wall-clock timestamps of its parts (the `timings` of results/<id>.json, written
 by peer_sweeps.trial); per trial (seconds):
   train    the optimizer steps (the row's train_seconds)
   start    run_trial called -> the Train worker's loop entered (driver set-up, Train controller, placement
@@ -30,10 +30,10 @@ trial (goal: at most 3 s).
 `steps`: for every method and size of studies/isoflop.yaml, training tokens/s of the trial's own step
 (DeepSpeed ZeRO engine of the study's stage over a one-rank gloo group, torch's AdamW as EagerAdamW, fp32,
 one thread, the study's batch of random tokens; no Ray or W&B) in two persistent subprocesses, one per tree:
-`--base` checked out by `git worktree add` into a temporary directory, and this tree. Both build the models this
-tree plans for the study, from their configuration (fields the older tree lacks dropped, so it builds them as
-it would have), and each imports only its own tree (PYTHONPATH); the two alternate model by model, `--rounds` times, and the medians of the
-per-round medians are compared. The step code is this script's (the same for both trees): it measures what
+`--base` checked out by `git worktree add` into a temporary directory, and this tree. Both build the models
+this tree plans for the study, from their configuration (fields the older tree lacks dropped, so it builds
+them as it would have), and each imports only its own tree (PYTHONPATH); the two alternate model by model,
+`--rounds` times, and the medians of the per-round medians are compared. The step code is this script's (the same for both trees): it measures what
 the model and engine packages make of a step, not the trial loop's Python around it.
 """
 
@@ -64,6 +64,7 @@ def subset_study(budget: float, sizes: list[int], methods: list[str] | None, out
     study["data"].update({"suite": suite} if suite else {}, **({"root": data_root} if data_root else {}))
     if methods:
         study["methods"] = {m: study["methods"][m] for m in methods}
+    study["training"]["seeds"] = study["training"].get("seeds", [0])[:1]  # overhead does not depend on the seed
     kept = [s for s in study["design"]["sizes"]  # YAML 1.1 reads 8.0e10 (no exponent sign) as a string
             if s["d_model"] in sizes and budget in [float(b) for b in s.get("budgets", [budget])]]
     if not kept:
@@ -346,7 +347,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     phase = sub.add_parser("phase", help="a subset of the default study's trials phase, taken apart")
     phase.add_argument("--budget", type=float, default=1.5e11)
-    phase.add_argument("--sizes", default="8,32", help="d_model values of the study's size grid")
+    phase.add_argument("--sizes", default="8,24", help="d_model values of the study's size grid")
     phase.add_argument("--methods", default="", help="comma-separated; default every method of the study")
     phase.add_argument("--data-root", default="", help="where the data suite is (prepared there if it is not); "
                        "default the study's, ./data")

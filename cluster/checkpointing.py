@@ -17,17 +17,25 @@ cluster.train_job), deleting the older one only after the newer is registered, s
 saving resumes from the previous one; `prune_checkpoints` removes, once a run has completed, what a killed
 attempt left half-written beside them.
 
+A job run in-process (Ray Train's local mode, one worker: see cluster.train_job) has no controller to move
+or keep checkpoints: within `in_process_run(run_dir, keep)` every checkpoint is written straight into the run's
+directory (under a `.partial-` name, renamed when whole), the `keep` latest are kept, and the latest whole
+one is what `load_latest_checkpoint` restores. The layout is the same.
+
 Ray Train's controller takes one report per worker per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s,
 0.2 s when run through cluster.train_job): a report blocks until the previous one was taken, so report at
 intervals, not every step.
 """
 
+import os
 import random
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray.train
 import torch
@@ -35,6 +43,46 @@ import torch
 ENGINE_TAG = "engine"
 SHARED_FILE = "shared.pt"
 CHECKPOINT_PREFIX = "checkpoint_step"
+PARTIAL_PREFIX = ".partial-"
+
+
+@dataclass(frozen=True)
+class InProcessRun:
+    """The run directory and retention of a job whose one worker runs in the calling process."""
+    path: Path
+    keep: int | None
+
+    def latest(self) -> Path | None:
+        """The newest whole checkpoint (names sort by step, then by time of saving)."""
+        checkpoints = sorted(p for p in self.path.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+        return checkpoints[-1] if checkpoints else None
+
+    def publish(self, partial: Path, name: str) -> Path:
+        """Renames a written checkpoint into place, then deletes all but the `keep` latest."""
+        final = self.path / name
+        os.replace(partial, final)
+        if self.keep:
+            prune_checkpoints(self.path, self.keep)
+        return final
+
+
+_in_process_run: InProcessRun | None = None
+
+
+@contextmanager
+def in_process_run(run_dir: str | Path, keep: int | None) -> Iterator[InProcessRun]:
+    """Within the block, checkpoints are kept in `run_dir` by this process (see the module docstring). What a
+    killed attempt left half-written is removed first."""
+    global _in_process_run
+    run = InProcessRun(Path(run_dir), keep)
+    run.path.mkdir(parents=True, exist_ok=True)
+    for partial in run.path.glob(f"{PARTIAL_PREFIX}*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    _in_process_run = run
+    try:
+        yield run
+    finally:
+        _in_process_run = None
 
 
 def _rank() -> int:
@@ -64,7 +112,15 @@ def save_checkpoint(engine, step: int, state: dict[str, Any] | None, metrics: di
     saved once, from rank 0.
     """
     rank = _rank()
-    local_dir = tempfile.mkdtemp(prefix=f"ckpt-step{step}-rank{rank}-")
+    # Rank 0's name wins (Ray syncs it); the time suffix keeps a re-save of the same step from merging into,
+    # and later being deleted with, an older directory.
+    name = f"{CHECKPOINT_PREFIX}{step:08d}_{time.strftime('%Y%m%d-%H%M%S')}_{time.time_ns() % 10**9:09d}"
+    run = _in_process_run
+    if run is not None:
+        local_dir = str(run.path / f"{PARTIAL_PREFIX}{name}")
+        os.makedirs(local_dir)
+    else:
+        local_dir = tempfile.mkdtemp(prefix=f"ckpt-step{step}-rank{rank}-")
     engine.save_checkpoint(local_dir, tag=ENGINE_TAG, client_state={"step": step})
     torch.save(
         {"step": step, "state": state or {}, "rng": _rng_state()},
@@ -72,9 +128,10 @@ def save_checkpoint(engine, step: int, state: dict[str, Any] | None, metrics: di
     )
     if shared is not None and rank == 0:
         torch.save(shared, Path(local_dir) / SHARED_FILE)
-    # Rank 0's name wins (Ray syncs it); the time suffix keeps a re-save of the same step from merging into,
-    # and later being deleted with, an older directory.
-    name = f"{CHECKPOINT_PREFIX}{step:08d}_{time.strftime('%Y%m%d-%H%M%S')}_{time.time_ns() % 10**9:09d}"
+    if run is not None:
+        final = run.publish(Path(local_dir), name)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+        return
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(local_dir),
@@ -95,20 +152,26 @@ def load_latest_checkpoint(engine) -> dict[str, Any] | None:
     shared state saved with it, or None>}` (rank 0's state when this rank has none, e.g. after a change of
     world size).
     """
+    if _in_process_run is not None:
+        latest = _in_process_run.latest()
+        return None if latest is None else _restore(engine, latest)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    rank = _rank()
     with checkpoint.as_directory() as directory:
-        load_path, client_state = engine.load_checkpoint(directory, tag=ENGINE_TAG)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no engine checkpoint in {checkpoint.path}")
-        state_file = Path(directory) / f"state_rank{rank}.pt"
-        if not state_file.exists():
-            state_file = Path(directory) / "state_rank0.pt"
-        saved = torch.load(state_file, weights_only=False)
-        shared_file = Path(directory) / SHARED_FILE
-        shared = torch.load(shared_file, weights_only=False) if shared_file.exists() else None
+        return _restore(engine, Path(directory))
+
+
+def _restore(engine, directory: Path) -> dict[str, Any]:
+    load_path, client_state = engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no engine checkpoint in {directory}")
+    state_file = directory / f"state_rank{_rank()}.pt"
+    if not state_file.exists():
+        state_file = directory / "state_rank0.pt"
+    saved = torch.load(state_file, weights_only=False)
+    shared_file = directory / SHARED_FILE
+    shared = torch.load(shared_file, weights_only=False) if shared_file.exists() else None
     assert saved["step"] == client_state["step"], (saved["step"], client_state["step"])
     _set_rng_state(saved["rng"])
     return {"step": saved["step"], "state": saved["state"], "shared": shared}
@@ -146,6 +209,7 @@ __all__ = [
     "report_metrics",
     "load_latest_checkpoint",
     "prune_checkpoints",
+    "in_process_run",
     "world_rank",
     "world_size",
     "checkpoint_dir",

@@ -38,6 +38,14 @@ def resolve_storage_path(storage_path: str | os.PathLike) -> str:
     return str(path)
 
 
+def _training_process_env() -> dict[str, str]:
+    """Environment of every process of the session: the Tune trials' actors may train in-process (see
+    cluster.train_job), so they get the training processes' malloc settings (settings the caller has win)."""
+    from cluster.allocator import TRAINING_MALLOC_ENV
+
+    return {k: v for k, v in TRAINING_MALLOC_ENV.items() if k not in os.environ}
+
+
 @contextmanager
 def ray_session(
     address: str | None = None,
@@ -63,13 +71,13 @@ def ray_session(
             logging_level=logging.WARNING,
             log_to_driver=True,
             configure_logging=True,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator}},
+            runtime_env={"env_vars": {"DS_ACCELERATOR": accelerator, **_training_process_env()}},
         )
         owns = True
     else:
         if num_cpus is not None or num_gpus is not None:
             raise ValueError("num_cpus / num_gpus size an embedded Ray instance; a joined cluster has its own")
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": _training_process_env()})
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         resources = ray.cluster_resources()

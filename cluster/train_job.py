@@ -9,15 +9,27 @@ A job is identified by `(storage_path, run_name)`. Ray Train resumes a run whose
 checkpoints: calling `run_train_job` again with the same name continues from the latest checkpoint (what a
 retried trial wants); two different trials must never share a name, so name runs by a content hash.
 
+A one-worker CPU job can run in-process (`in_process=True`): Ray Train's local mode runs the loop in the
+calling process (a Ray Tune trial's actor, which Tune reuses from trial to trial), so no controller, placement
+group, worker process or process group is started per job: that start was 5-8 s of every small trial. What
+the controller did is done here: checkpoints are written into the run's directory and the latest restored
+(cluster.checkpointing.in_process_run), a failed attempt is retried up to `max_failures` times in the same
+process, and the process group is a one-rank gloo group kept for the life of the process. A crash of the
+process itself ends the caller too: the caller retries it (Ray Tune's FailureConfig), resuming from the
+run's directory. Never run in-process in a driver whose death would end more than the job.
+
 Inside the loop (see cluster.checkpointing): `load_latest_checkpoint(engine)` at the start,
 `save_checkpoint(...)` / `report_metrics(...)` on every rank at the same steps, and `return` a picklable
 value from rank 0: it comes back as `JobResult.return_value`.
 """
 
+import contextlib
 import functools
 import os
+import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import ray
 import ray.train
@@ -146,13 +158,16 @@ class LeanTorchTrainer(_FailFast, DataParallelTrainer):
         return [cb for cb in callbacks if not isinstance(cb, drop)]
 
 
-def _worker_entry(train_loop: Callable[[dict], Any], log_path: str | None) -> Callable[[dict], Any]:
+def _worker_entry(train_loop: Callable[[dict], Any], log_path: str | None,
+                  in_process: bool = False) -> Callable[[dict], Any]:
     def entry(config: dict) -> Any:
         from cluster.deepspeed_config import set_accelerator_env
         from cluster.logs import redirect_output
 
         with redirect_output(log_path):
             set_accelerator_env()
+            if in_process:
+                _one_rank_process_group()
             try:
                 return train_loop(config)
             except Exception as error:
@@ -161,6 +176,20 @@ def _worker_entry(train_loop: Callable[[dict], Any], log_path: str | None) -> Ca
                 raise
 
     return entry
+
+
+# What a Ray Train worker finds in its environment, for a loop run in-process (DeepSpeed reads them).
+ONE_RANK_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1"}
+
+
+def _one_rank_process_group() -> None:
+    """A gloo group of this process alone, made once and kept (later jobs in the process reuse it)."""
+    import torch.distributed as dist
+
+    os.environ.update(ONE_RANK_ENV)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def run_train_job(
@@ -178,6 +207,7 @@ def run_train_job(
     timeout_s: int = 1800,
     lean: bool = True,
     log_path: str | None = None,
+    in_process: bool = False,
 ) -> JobResult:
     """Run `train_loop(loop_config)` on `num_workers` Ray Train workers and wait for it.
 
@@ -190,11 +220,17 @@ def run_train_job(
     `lean`: skip Ray Train's optional side actors (LeanTorchTrainer, LEAN_ENV; environment variables the
     caller set win). The job itself computes the same either way. `log_path`: every worker appends its
     stdout and stderr (DeepSpeed's, Ray Train's, the loop's own) to this file instead of Ray's logs.
+    `in_process`: run the one CPU worker in this process (see the module docstring).
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if not run_name:
         raise ValueError("run_name must be a non-empty, per-trial unique name")
+    if in_process:
+        if num_workers != 1 or use_gpu:
+            raise ValueError("an in-process job has one CPU worker")
+        return _run_in_process(train_loop, loop_config, run_name, storage_path, max_failures,
+                               num_checkpoints_to_keep, log_path)
     backend = "nccl" if use_gpu else "gloo"
     if lean:
         trainer_cls = functools.partial(LeanTorchTrainer, backend=backend, timeout_s=timeout_s)
@@ -241,6 +277,53 @@ def run_train_job(
         checkpoint_path=None if result.checkpoint is None else result.checkpoint.path,
         path=result.path,
     )
+
+
+@contextlib.contextmanager
+def _outside_tune_session() -> Iterator[None]:
+    """Within the block, Ray Train's API serves the in-process job even in a Ray Tune function trial's actor.
+
+    `ray.train.get_context()`, `report()` and `get_checkpoint()` refuse to run where a Tune session is active
+    (Ray 2.x: "use the equivalent ray.tune API"), and the session is one per process: a local-mode job started
+    from a Tune function would find its loop refused. The Tune session is set aside for the job's duration
+    (Ray internals: `ray.train._internal.session._session`) and put back before the function reports to Tune.
+    The Tune actor's main thread is meanwhile waiting on that session's queue, which it fetched before."""
+    from ray.train._internal import session
+
+    tune_session, session._session = session._session, None
+    try:
+        yield
+    finally:
+        session._session = tune_session
+
+
+def _run_in_process(train_loop: Callable[[dict], Any], loop_config: dict[str, Any], run_name: str,
+                    storage_path: str, max_failures: int, keep: int | None, log_path: str | None) -> JobResult:
+    """The job in Ray Train's local mode, its attempts retried here and its checkpoints kept in its directory."""
+    from cluster.checkpointing import in_process_run
+
+    run_dir = Path(storage_path) / run_name
+    with in_process_run(run_dir, keep), _outside_tune_session():
+        for attempt in range(max_failures + 1):
+            trainer = DataParallelTrainer(
+                _worker_entry(train_loop, log_path, in_process=True), train_loop_config=loop_config,
+                scaling_config=ray.train.ScalingConfig(num_workers=0),
+                run_config=ray.train.RunConfig(name=run_name, storage_path=storage_path),
+            )
+            try:
+                result = trainer.fit()
+            except Exception as error:  # noqa: BLE001 - what a worker raised: retried as Ray Train would
+                if isinstance(error, RecurringError) or attempt == max_failures:
+                    text = "".join(traceback.format_exception(error)).strip()
+                    raise TrainJobError(run_name, f"rank 0: {text.splitlines()[-1]}", {0: text}) from error
+                continue
+            return JobResult(
+                return_value=result.return_value,
+                metrics=result.metrics if result.checkpoint is not None else None,
+                checkpoint_path=None if result.checkpoint is None else result.checkpoint.path,
+                path=str(run_dir),
+            )
+    raise AssertionError("unreachable")
 
 
 def _describe(error: BaseException) -> str:

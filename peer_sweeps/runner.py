@@ -102,11 +102,11 @@ def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: 
     from ray import tune
 
     from cluster.runtime import SharedStorageError, check_shared_storage, ray_session
-    from cluster.train_job import TUNE_TRIAL_CPUS
 
     resources = study.resources
     num_cpus = options.num_cpus
-    if options.address is None and not os.environ.get("RAY_ADDRESS") and num_cpus is None:
+    if (options.address is None and not os.environ.get("RAY_ADDRESS") and num_cpus is None
+            and not trains_in_process(resources)):
         # Tune's function trials each hold a sliver of a CPU while they wait on their Train job: add one
         # logical CPU for them, so that N trials of 1 CPU still fit N cores.
         num_cpus = (os.cpu_count() or 1) + 1
@@ -130,19 +130,23 @@ def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: 
             wandb_project=study.tracking.wandb_project, data_root=data_root(study),
             attempts={tid: row.get("attempts", 0) for tid, row in rows.items()},
             logs_dir=None if options.verbose else str(console.logs.resolve()),
+            in_process=trains_in_process(resources),
         )
         tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": TUNE_TRIAL_CPUS}),
+            tune.with_resources(trainable, {"cpu": tune_trial_cpus(resources)}),
             param_space={"trial": tune.grid_search([t.to_json() for t in pending])},
-            # reuse_actors: the next trial runs in the process the last one drove its Train job from (no new
-            # actor process importing the runner, Ray Train and the plan per trial; Train's own workers stay
-            # fresh processes). Tune only reuses an actor whose trial ended cleanly.
+            # reuse_actors: the next trial runs in the process the last one ran in (no new actor process
+            # importing the runner, Ray Train, torch and DeepSpeed per trial). Tune only reuses an actor whose
+            # trial ended cleanly.
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, num_samples=1, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str((results.path / "tune").resolve()),
                 verbose=0,
-                failure_config=tune.FailureConfig(max_failures=0),
+                # A trial training in its actor dies with it (a crash, the OOM killer): Tune runs it again in a
+                # fresh actor, resuming from its checkpoints, as often as Ray Train would have replaced its worker.
+                failure_config=tune.FailureConfig(
+                    max_failures=max(t.training["max_failures"] for t in pending) if trains_in_process(resources) else 0),
                 callbacks=[_Recorder(results, order, progress, labels, console)],
             ),
         )
@@ -150,22 +154,35 @@ def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: 
             tuner.fit()
 
 
+def trains_in_process(resources) -> bool:
+    """Whether a trial's one CPU worker trains in its Tune trial's actor (cluster.train_job's in-process job)
+    rather than in a Train worker process of its own. GPU trials keep Ray Train's worker processes: they are
+    long enough not to notice the start, and the accelerator set-up is Ray Train's."""
+    return resources.workers_per_trial == 1 and not resources.gpus_per_worker
+
+
+def tune_trial_cpus(resources) -> float:
+    """The CPUs a Tune trial holds itself: its worker's when it trains in-process, else a sliver (it waits)."""
+    from cluster.train_job import TUNE_TRIAL_CPUS
+
+    return resources.cpus_per_worker if trains_in_process(resources) else TUNE_TRIAL_CPUS
+
+
 def trial_concurrency(resources, cpus: float, gpus: float, max_concurrent: int | None, pending: int) -> int:
     """Trials at a time: as many as fit the CPUs and GPUs the cluster can grow to (an autoscaler adds nodes as
     Tune's queued trials ask for them), bounded by `--max-concurrent`, `resources.max_concurrent` and the
     trials left."""
-    from cluster.train_job import TUNE_TRIAL_CPUS
-
-    fit = max(1, int(cpus // (resources.workers_per_trial * resources.cpus_per_worker + TUNE_TRIAL_CPUS)))
+    workers = 0 if trains_in_process(resources) else resources.workers_per_trial
+    fit = max(1, int(cpus // (workers * resources.cpus_per_worker + tune_trial_cpus(resources))))
     if resources.gpus_per_worker:
         fit = min(fit, max(1, int(gpus // (resources.workers_per_trial * resources.gpus_per_worker))))
     return min(x for x in (fit, max_concurrent, resources.max_concurrent, pending) if x)
 
 
 def _tune_trial(config: dict[str, Any], results_dir: str, wandb_mode: str, wandb_project: str, data_root: str,
-                attempts: dict[str, int], logs_dir: str | None) -> None:
-    """A Tune function trial: drive one trial's Train job and report its row. With `logs_dir`, this process
-    and the trial's Train workers write their output to `<logs_dir>/<trial id>.log`."""
+                attempts: dict[str, int], logs_dir: str | None, in_process: bool) -> None:
+    """A Tune function trial: run one trial's Train job (in this process with `in_process`) and report its row.
+    With `logs_dir`, this process and the trial's Train workers write their output to `<logs_dir>/<trial id>.log`."""
     from ray import tune
 
     from cluster.logs import redirect_output
@@ -174,7 +191,7 @@ def _tune_trial(config: dict[str, Any], results_dir: str, wandb_mode: str, wandb
     log_path = str(Path(logs_dir) / f"{trial.trial_id}.log") if logs_dir else None
     with redirect_output(log_path):
         row = run_trial(trial, results_dir, wandb_mode, wandb_project, attempt=attempts.get(trial.trial_id, 0) + 1,
-                        data_root=data_root, log_path=log_path)
+                        data_root=data_root, log_path=log_path, in_process=in_process)
     tune.report({"row": json.dumps(row, default=str), "done": 1})
 
 

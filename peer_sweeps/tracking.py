@@ -97,6 +97,7 @@ class WandbMirror:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            _forget_dead_wandb_service()
             run = wandb.init(
                 project=project, id=trial.trial_id, name=trial.label, group=trial.study, job_type=trial.kind,
                 config=wandb_config(trial, row), tags=[trial.method] + ([f"budget={trial.budget_flops:.3g}"] if trial.budget_flops else []),
@@ -138,6 +139,25 @@ class WandbMirror:
             # every line twice (to the stream and to Train's log).
             sys.stderr.write(wandb_warning(self.trial_id, self.mode, error) + "\n")
             sys.stderr.flush()
+
+
+def _forget_dead_wandb_service() -> None:
+    """W&B runs of one process share one service process (wandb-core), started by the first run. Trials now
+    follow one another in one process (a reused Tune actor): if the service died with an earlier trial, the
+    next trial's init would fail on its closed connection. Then the library is torn down, and the next init
+    starts a fresh service. (W&B internals, `wandb_setup._singleton`; if they change, nothing is done.)"""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    try:
+        service = wandb_setup._singleton._connection._proc._process
+    except AttributeError:
+        return
+    if service.poll() is not None:
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - the teardown of a dead service reports its lost connection
+            pass
 
 
 def wandb_warning(trial_id: str, mode: str, error: Exception) -> str:

@@ -41,12 +41,15 @@ def trial_dir(results_dir: Path, trial_id: str) -> Path:
 
 
 def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline", wandb_project: str = "peer-sweeps",
-              attempt: int = 1, data_root: str | Path | None = None, log_path: str | None = None) -> dict[str, Any]:
+              attempt: int = 1, data_root: str | Path | None = None, log_path: str | None = None,
+              in_process: bool = False) -> dict[str, Any]:
     """Runs one trial as a Ray Train job (Ray must be initialised) and returns its trials.parquet row.
 
     `data_root`: where the study's data suite was prepared, as the driver sees it (Ray runs trials and
     workers in other working directories); default the study's data.root or the default root. `log_path`:
-    the file the Train workers' output goes to (None: Ray's own logs, forwarded to the driver)."""
+    the file the Train workers' output goes to (None: Ray's own logs, forwarded to the driver). `in_process`:
+    a one-worker CPU trial runs its worker in this process (cluster.train_job; only where this process may die
+    with the trial: a Tune trial's actor)."""
     from cluster.checkpointing import prune_checkpoints
     from cluster.train_job import TrainJobError, run_train_job
 
@@ -81,6 +84,7 @@ def run_trial(trial: Trial, results_dir: str | Path, wandb_mode: str = "offline"
             max_failures=trial.training["max_failures"],
             num_checkpoints_to_keep=trial.keep_checkpoints,
             log_path=log_path,
+            in_process=in_process,
         )
         summary = job.return_value
         if summary["status"] == "completed":

@@ -2,7 +2,7 @@
 
 End-to-end, through the real `peer-sweeps` process, on tiny studies of dense d16 L1 trials (conftest):
 - `test_killed_run_resumes_without_retraining`: `peer-sweeps run` SIGKILLed (its whole process group,
-  Ray included) once its second trial trains. While it ran: a second `run` and a `trial` of the same
+  Ray included) once its second trial is half trained. While it ran: a second `run` and a `trial` of the same
   directory were refused (exit 2, the lock); `status` was read repeatedly (every read counting the two
   trials), `report` once, and trials.parquet and curves.parquet repeatedly, never torn, every trial that
   trials.parquet lists already in curves.parquet (curves are replaced first). After the kill:
@@ -54,6 +54,19 @@ def _plan(study: Path) -> list[str]:
     from peer_sweeps.plan import load_and_plan
 
     return [t.trial_id for t in load_and_plan(study)[1]]
+
+
+def _planned_steps(study: Path) -> list[int]:
+    from peer_sweeps.plan import load_and_plan
+
+    return [t.steps for t in load_and_plan(study)[1]]
+
+
+def _steps_recorded(directory: Path) -> int:
+    try:
+        return len((directory / "metrics.jsonl").read_bytes().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def _cli(*argv: str):
@@ -146,7 +159,9 @@ def test_killed_run_resumes_without_retraining(small_study, tmp_path, monkeypatc
     import peer_sweeps.runner
     from peer_sweeps.results import is_locked
 
-    study = small_study(tmp_path / "study.yaml", budgets=(1.0e9, 2.0e9))
+    # Trials long enough to read the files while the second one trains (a trial trains in its Tune actor, and
+    # the next one starts within a fraction of a second of the last one's row).
+    study = small_study(tmp_path / "study.yaml", budgets=(1.0e10, 4.0e10))
     first, second = _plan(study)
     out = tmp_path / "out"
     command = [*PEER_SWEEPS, "run", str(study), "--out", str(out), "--max-concurrent", "1", "--wandb", "disabled"]
@@ -162,7 +177,7 @@ def test_killed_run_resumes_without_retraining(small_study, tmp_path, monkeypatc
         refused = trial_refused = report = None
         parquet_reads = status_reads = 0
         deadline = time.time() + 600
-        while not (out / "trials" / second / "metrics.jsonl").exists():  # until the second trial trains
+        while _steps_recorded(out / "trials" / second) < _planned_steps(study)[1] // 2:  # the second trial half done
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "second trial not started in time"
             if refused is None and is_locked(out):

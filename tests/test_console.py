@@ -66,8 +66,9 @@ def test_run_prepares_its_data_and_keeps_ray_tune_and_deepspeed_off_the_console(
     assert len(progress) <= 5, progress  # header, logs, Ray, the trial, the total
     (trial_id,) = pq.read_table(out / "trials.parquet").column("trial_id").to_pylist()
     trial_log = (out / "logs" / f"{trial_id}.log").read_text()
-    assert "DeepSpeed" in trial_log and "Checkpoint successfully created" in trial_log
-    assert "TrainController" in (out / "logs" / "driver.log").read_text()
+    # DeepSpeed's and Ray Train's own lines (a one-worker CPU trial runs in Ray Train's local mode)
+    assert "DeepSpeed" in trial_log and "Running in local mode" in trial_log
+    assert "Configuration for experiment" in (out / "logs" / "driver.log").read_text()  # Tune's table
 
 
 @pytest.mark.slow

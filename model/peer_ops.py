@@ -101,7 +101,7 @@ class _WeightedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx_TM, table, weights_TM):
         ctx.save_for_backward(idx_TM, table, weights_TM)
-        return torch.nn.functional.embedding_bag(idx_TM, table, per_sample_weights=weights_TM, mode="sum")
+        return K.weighted_bag(idx_TM, table, weights_TM)
 
     @staticmethod
     def backward(ctx, g_out_TD):

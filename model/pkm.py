@@ -3,16 +3,16 @@
 Per head h: a query q_h(x) (one shared linear map, then batch norm over all heads' features), its own
 product keys (two sets of sqrt(N) sub-keys of dimension query_dim/2), exact top-k retrieval, softmax over
 the k scores. The output is sum over heads of the score-weighted sum of the retrieved value rows; the
-values (N, dim) are shared by the heads. Weighted sums use `F.embedding_bag` so the [..., H*K, dim]
-gathered rows are never materialised. Query batch norm behaves as in PEER (see model/peer.py); in bf16 the
-values' gradient, ~T h k / N contributions a row, is summed in fp32 (`weighted_rows`), as PEER's are. In a
-Transformer the initialisation is model/init.py's, the same rule as every arm's.
+values (N, dim) are shared by the heads. The weighted sums are PEER's kernels (`weighted_rows`: a weighted bag
+forward, a scatter-sum of the values' gradient, ~T h k / N contributions a row, in at least fp32, as PEER's),
+so the [..., H*K, dim] gathered rows are never materialised; on the CPU this replaced F.embedding_bag, whose
+backward sorted every index each step (issue 19: PKM d24's step 12% faster). Query batch norm behaves as in
+PEER (see model/peer.py). In a Transformer the initialisation is model/init.py's, the same rule as every arm's.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import flop_formulas  # noqa: F401  (FlopCounterMode counts the value reads)
@@ -49,8 +49,5 @@ class PKM(nn.Module):
         weights = scores.softmax(dim=-1)
         self.routing_stats.add(indices, weights)
         bags = indices.reshape(-1, self.heads * self.top_k)
-        if self.values.dtype in QueryBatchNorm.LOW_PRECISION:  # sum the values' gradient in fp32
-            out = weighted_rows(bags, self.values, weights.reshape(bags.shape))
-        else:
-            out = F.embedding_bag(bags, self.values, per_sample_weights=weights.reshape(bags.shape), mode="sum")
+        out = weighted_rows(bags, self.values, weights.reshape(bags.shape))
         return out.view(*x.shape[:-1], self.dim)

@@ -183,8 +183,14 @@ def test_concurrency_counts_what_the_cluster_can_grow_to():
     assert trial_concurrency(paper, cpus=16 + 4 * 192, gpus=32, max_concurrent=None, pending=48) == 4
     assert trial_concurrency(paper, cpus=16 + 4 * 192, gpus=32, max_concurrent=2, pending=48) == 2
     assert trial_concurrency(paper, cpus=16 + 4 * 192, gpus=32, max_concurrent=None, pending=3) == 3
+    # A one-worker CPU trial trains in its Tune actor, which holds the worker's CPU: one trial per core.
     cpu = Resources(workers_per_trial=1, cpus_per_worker=1)
-    assert trial_concurrency(cpu, cpus=3, gpus=0, max_concurrent=None, pending=10) == 2
+    assert trial_concurrency(cpu, cpus=2, gpus=0, max_concurrent=None, pending=10) == 2
+    assert trial_concurrency(cpu, cpus=3, gpus=0, max_concurrent=None, pending=10) == 3
+    # Trials of several workers are driven by a Tune trial that holds a sliver of a CPU besides them.
+    two = Resources(workers_per_trial=2, cpus_per_worker=1)
+    assert trial_concurrency(two, cpus=5, gpus=0, max_concurrent=None, pending=10) == 2
+    assert trial_concurrency(two, cpus=4, gpus=0, max_concurrent=None, pending=10) == 1
 
 
 def test_gpu_workers_record_mfu_and_peak_memory(monkeypatch, tmp_path):

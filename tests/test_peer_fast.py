@@ -347,3 +347,31 @@ def test_product_key_topk_float32_is_exact_under_ties(backend, top_k):
     assert torch.equal(scores, all_scores.topk(top_k, dim=-1).values)
     assert torch.equal(all_scores.gather(1, indices), scores)
     assert bool((indices.sort(-1).values.diff(dim=-1) > 0).all()), "no index twice"
+
+
+def test_pkm_value_read_matches_embedding_bag(backend):
+    """PKM reads its values through the project's kernels (weighted_rows: weighted_bag forward, dense_row_grads
+    and gather_dot backward) instead of F.embedding_bag, whose CPU backward sorted every index each step: the
+    same output and gradients of every parameter and of the input, up to float summation order."""
+    from model.pkm import PKM
+
+    torch.manual_seed(0)
+    layer = PKM(24, 4096, 4, 16, 16).train()
+    x, weight = torch.randn(2048, 24), torch.randn(2048, 24)
+    y, g_x, grads = forward_backward(layer, x, weight)
+
+    def embedding_bag_forward(inp):
+        scores, indices = layer.retrieve(inp)
+        bags = indices.reshape(-1, layer.heads * layer.top_k)
+        weights = scores.softmax(dim=-1).reshape(bags.shape)
+        return F.embedding_bag(bags, layer.values, per_sample_weights=weights, mode="sum").view_as(inp)
+
+    layer.zero_grad(set_to_none=True)
+    x_ref = x.clone().requires_grad_()
+    y_ref = embedding_bag_forward(x_ref)
+    (y_ref * weight).sum().backward()
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_x, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for name, p in layer.named_parameters():  # sums of thousands of terms: to rounding of the largest
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")

@@ -4,10 +4,11 @@
 evaluation steps loss, ppl, ppl_<set>, bpb_<set>, usage, unevenness. A trial resumed from a checkpoint
 at step S first drops the lines after S, so the record never holds a step twice.
 
-W&B mirrors it from rank 0 only: id = trial id, group = study, job_type = kind, config = the resolved
-trial with its derived counts beside flat keys to group and filter runs by (`COMPARISON_KEYS`, valued as
-in trials.parquet), tags for method and budget, every metric plotted against tokens (`flops` is logged
-and defined too, so any panel can switch its x-axis to it), the final evaluation in the summary. A W&B
+W&B mirrors it from rank 0 only (every evaluation, and training steps at a stride: about 200 a run): id =
+trial id, group = study, job_type = kind, config = the resolved trial with its derived counts beside flat
+keys to group and filter runs by (`COMPARISON_KEYS`, valued as in trials.parquet), tags for method and
+budget, every metric plotted against tokens (`flops` is logged and defined too, so any panel can switch its
+x-axis to it), the final evaluation in the summary. A W&B
 failure (no network, an init time-out after $PEER_SWEEPS_WANDB_INIT_TIMEOUT seconds, default 60, a full
 disk) never stops the trial: it is reported once per trial (one stderr line from the trial's rank-0
 worker, naming the trial, which `peer-sweeps run` copies from the trial's log to its console) and the
@@ -79,11 +80,21 @@ def wandb_config(trial: Trial, row: dict[str, Any]) -> dict[str, Any]:
     return {**trial.to_json(), **{key: row[key] for key in COMPARISON_KEYS}}
 
 
-class WandbMirror:
-    """Mirrors metrics to a W&B run; becomes a no-op after the first W&B error."""
+# Training points a trial's W&B run gets at most (besides its evaluations): a W&B chart draws a sample of
+# ~1,500 points, and each `run.log` costs ~0.35 ms of the trial's thread plus the W&B service's CPU, which on a
+# small machine is another trial's. metrics.jsonl (and curves.parquet) keep every step.
+WANDB_TRAINING_POINTS = 200
 
-    def __init__(self, run, trial_id: str = "", mode: str = "disabled"):
+
+class WandbMirror:
+    """Mirrors metrics to a W&B run: every evaluation, and the training steps at a stride that keeps a run
+    to about `WANDB_TRAINING_POINTS` of them (`total_steps`; the last step always); becomes a no-op after the
+    first W&B error."""
+
+    def __init__(self, run, trial_id: str = "", mode: str = "disabled", total_steps: int = 0):
         self.run, self.trial_id, self.mode = run, trial_id, mode
+        self.total_steps = total_steps
+        self.stride = max(1, -(-total_steps // WANDB_TRAINING_POINTS))
         self.warned = False
 
     @classmethod
@@ -92,7 +103,7 @@ class WandbMirror:
         """`row`: the trial's trials.parquet row as planned, whose `COMPARISON_KEYS` the run's config carries."""
         if mode == "disabled":
             return cls(None)
-        mirror = cls(None, trial.trial_id, mode)
+        mirror = cls(None, trial.trial_id, mode, trial.steps)
         try:
             import wandb
 
@@ -115,6 +126,9 @@ class WandbMirror:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is None:
+            return
+        step = record["step"]
+        if step % self.stride and step != self.total_steps and "ppl" not in record:
             return
         try:
             self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])

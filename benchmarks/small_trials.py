@@ -2,6 +2,7 @@
 and the default study's models' training step side by side with an older commit.
 
     .venv/bin/python benchmarks/small_trials.py phase [--budget 1.5e11] [--sizes 8,24] [--methods ...]
+    .venv/bin/python benchmarks/small_trials.py phase --results runs/isoflop    # a finished run, taken apart
     .venv/bin/python benchmarks/small_trials.py steps [--base b2ef9ce] [--rounds 3] [--steps 10]
 
 `phase`: a copy of studies/isoflop.yaml cut to one budget and the given d_model sizes and the study's first seed
@@ -106,6 +107,10 @@ def gaps(rows: list[dict], concurrency: int) -> dict[str, float]:
 
 
 def run_phase(args) -> None:
+    if args.results:  # a finished run, e.g. the default study's own (`make run`): taken apart, not run again
+        out = Path(args.results)
+        print_phase(out, "a finished run", None, None, None)
+        return
     from peer_sweeps.data import DataError, load_suite, prepare_suite
     from peer_sweeps.runner import RunOptions, run_study
     from peer_sweeps.study import load_study
@@ -125,6 +130,11 @@ def run_phase(args) -> None:
     code = run_study(path, RunOptions(out=out, wandb_mode="offline"))
     total = time.time() - t0
     loads.append(os.getloadavg()[0])
+    print_phase(out, f"{path.name} (budget {args.budget:g}, d_model {args.sizes})", loads, total, code)
+
+
+def print_phase(out: Path, what: str, loads: list[float] | None, total: float | None, code: int | None) -> None:
+    """The per-trial table (per model, medians over its trials, beyond 16 trials) and the phase's figures."""
     rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
     rows = [r for r in rows if "timings" in r and "worker_started" in r["timings"]]
     if not rows:
@@ -133,21 +143,29 @@ def run_phase(args) -> None:
     gap = gaps(rows, concurrency)
     cols = ["train", "start", "import", "data", "engine", "wandb", "eval", "ckpt", "log", "loop", "teardown", "gap",
             "overhead"]
-    print(f"\n# {_machine()}; 1-min load average {loads[0]:.1f} at start, {loads[1]:.1f} at the end")
-    print(f"# {len(rows)} trials of {path.name} (budget {args.budget:g}, d_model {args.sizes}); {concurrency} at a "
-          f"time; results in {out}")
-    print("\n| trial | steps | wall | " + " | ".join(cols) + " |")
-    print("|---|---|---|" + "---|" * len(cols))
-    parts_of = {}
-    for r in sorted(rows, key=lambda r: r["timings"]["trial_started"]):
-        parts = breakdown(r) | {"gap": gap.get(r["trial_id"], float("nan"))}
-        parts_of[r["trial_id"]] = parts
+    load = f"; 1-min load average {loads[0]:.1f} at start, {loads[1]:.1f} at the end" if loads else ""
+    print(f"\n# {_machine()}{load}")
+    print(f"# {len(rows)} trials of {what}; {concurrency} at a time; results in {out}")
+    parts_of = {r["trial_id"]: breakdown(r) | {"gap": gap.get(r["trial_id"], float("nan"))} for r in rows}
+    ordered = sorted(rows, key=lambda r: r["timings"]["trial_started"])
+    groups: dict[str, list[dict]] = {}
+    for r in ordered:
         label = f"{r['method']} d{r['d_model']} L{r['n_layers']}"
-        print(f"| {label} | {r['steps']} | {r['wall_seconds']:.2f} | "
-              + " | ".join(f"{parts[c]:.2f}" for c in cols) + " |")
-    print("| median | | " + f"{statistics.median(r['wall_seconds'] for r in rows):.2f} | "
-          + " | ".join(f"{statistics.median(p[c] for p in parts_of.values() if p[c] == p[c]):.2f}"
-                       if any(p[c] == p[c] for p in parts_of.values()) else "" for c in cols) + " |")
+        groups.setdefault(label if len(rows) > 16 else r["trial_id"], []).append(r)
+    print(f"\n| {'model (median of its trials)' if len(rows) > 16 else 'trial'} | steps | wall | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+
+    def median(values) -> str:
+        values = [v for v in values if v == v]
+        return f"{statistics.median(values):.2f}" if values else ""
+
+    for key, group in groups.items():
+        first = group[0]
+        label = f"{first['method']} d{first['d_model']} L{first['n_layers']}" + (f" ({len(group)})" if len(rows) > 16 else "")
+        print(f"| {label} | {median(r['steps'] for r in group).split('.')[0]} | {median(r['wall_seconds'] for r in group)} | "
+              + " | ".join(median(parts_of[r["trial_id"]][c] for r in group) for c in cols) + " |")
+    print("| median | | " + f"{median(r['wall_seconds'] for r in rows)} | "
+          + " | ".join(median(p[c] for p in parts_of.values()) for c in cols) + " |")
     phase = max(r["timings"]["row_built"] for r in rows) - min(r["timings"]["trial_started"] for r in rows)
     training = sum(r["train_seconds"] for r in rows) / concurrency
     overheads = [p["overhead"] + (p["gap"] if p["gap"] == p["gap"] else 0.0) for p in parts_of.values()]
@@ -156,7 +174,8 @@ def run_phase(args) -> None:
     print(f"median overhead per trial (wall - train + gap): {statistics.median(overheads):.2f} s (goal <= 3)")
     pids = {r["timings"].get("driver_pid") for r in rows}
     print(f"trials driven from {len(pids)} Tune actor process(es) for {len(rows)} trials")
-    print(f"peer-sweeps run as a whole (Ray start, Tune, consolidation): {total:.1f} s; exit code {code}")
+    if total is not None:
+        print(f"peer-sweeps run as a whole (Ray start, Tune, consolidation): {total:.1f} s; exit code {code}")
 
 
 def _concurrency(rows: list[dict]) -> int:
@@ -351,6 +370,8 @@ def main() -> None:
     phase.add_argument("--methods", default="", help="comma-separated; default every method of the study")
     phase.add_argument("--data-root", default="", help="where the data suite is (prepared there if it is not); "
                        "default the study's, ./data")
+    phase.add_argument("--results", default="", help="take apart a finished run's results directory instead "
+                       "(e.g. runs/isoflop after `make run`)")
     phase.add_argument("--suite", default="", help="another data suite (e.g. 'fixture' for a quick check)")
     steps = sub.add_parser("steps", help="the study's models' step, --base vs this tree, alternating")
     steps.add_argument("--base", default="b2ef9ce")

@@ -26,14 +26,15 @@ from .study import AblationDesign, IsoFlopDesign, ModelSize, Study, StudyError, 
 
 BUDGET_TOLERANCE = 0.01
 # Rough costs for time estimates. CPU: one fp32 worker on the 2-core development machine, two trials at a
-# time, fitted to the 48 trials of the isoFLOP study (LOG.md, 2026-11-22; median error 8%): a fixed cost
-# per trial (Ray Train start, W&B, evaluation, scheduling), a per-step cost (optimizer, Python), the FLOPs
-# at the throughput these small models reach, and the product-key retrievals of PKM and PEER (per token,
-# head and top-k slot). GPU: the cost model of peer_sweeps.capacity.
-CPU_TRIAL_OVERHEAD_SECONDS = 20.0
-CPU_SECONDS_PER_STEP = 0.017
-CPU_FLOPS_PER_SECOND = 18e9
-CPU_SECONDS_PER_RETRIEVAL = 5.3e-7
+# time, fitted (non-negative least squares) to the wall time of the 72 trials of the default study's fresh-clone
+# run (LOG.md, 2026-12-01, third session; median error 8%): a fixed cost per trial (evaluation, W&B, engine,
+# scheduling; one-worker trials run in their Tune process), a per-step cost (optimizer, Python), the FLOPs at
+# the throughput these small models reach, and the product-key retrievals of PKM and PEER (per token, head and
+# top-k slot). GPU: the cost model of peer_sweeps.capacity.
+CPU_TRIAL_OVERHEAD_SECONDS = 4.0
+CPU_SECONDS_PER_STEP = 0.0133
+CPU_FLOPS_PER_SECOND = 26e9
+CPU_SECONDS_PER_RETRIEVAL = 1.55e-7
 
 
 @dataclass(frozen=True)

@@ -148,11 +148,12 @@ def print_phase(out: Path, what: str, loads: list[float] | None, total: float | 
     print(f"# {len(rows)} trials of {what}; {concurrency} at a time; results in {out}")
     parts_of = {r["trial_id"]: breakdown(r) | {"gap": gap.get(r["trial_id"], float("nan"))} for r in rows}
     ordered = sorted(rows, key=lambda r: r["timings"]["trial_started"])
+    grouped = len(rows) > 16
     groups: dict[str, list[dict]] = {}
     for r in ordered:
         label = f"{r['method']} d{r['d_model']} L{r['n_layers']}"
-        groups.setdefault(label if len(rows) > 16 else r["trial_id"], []).append(r)
-    print(f"\n| {'model (median of its trials)' if len(rows) > 16 else 'trial'} | steps | wall | " + " | ".join(cols) + " |")
+        groups.setdefault(label if grouped else r["trial_id"], []).append(r)
+    print(f"\n| {'model (median of its trials)' if grouped else 'trial'} | steps | wall | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
 
     def median(values) -> str:
@@ -161,9 +162,10 @@ def print_phase(out: Path, what: str, loads: list[float] | None, total: float | 
 
     for key, group in groups.items():
         first = group[0]
-        label = f"{first['method']} d{first['d_model']} L{first['n_layers']}" + (f" ({len(group)})" if len(rows) > 16 else "")
-        print(f"| {label} | {median(r['steps'] for r in group).split('.')[0]} | {median(r['wall_seconds'] for r in group)} | "
-              + " | ".join(median(parts_of[r["trial_id"]][c] for r in group) for c in cols) + " |")
+        label = f"{first['method']} d{first['d_model']} L{first['n_layers']}" + (f" ({len(group)})" if grouped else "")
+        steps, wall = median(r["steps"] for r in group).split(".")[0], median(r["wall_seconds"] for r in group)
+        print(f"| {label} | {steps} | {wall} | " + " | ".join(median(parts_of[r["trial_id"]][c] for r in group)
+                                                          for c in cols) + " |")
     print("| median | | " + f"{median(r['wall_seconds'] for r in rows)} | "
           + " | ".join(median(p[c] for p in parts_of.values()) for c in cols) + " |")
     phase = max(r["timings"]["row_built"] for r in rows) - min(r["timings"]["trial_started"] for r in rows)

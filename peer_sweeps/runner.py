@@ -132,6 +132,9 @@ def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: 
             logs_dir=None if options.verbose else str(console.logs.resolve()),
             in_process=trains_in_process(resources),
         )
+        # A trial training in its actor dies with it (a crash, the OOM killer): Tune runs it again in a fresh
+        # actor, resuming from its checkpoints, as often as Ray Train would have replaced its worker.
+        actor_retries = max(t.training["max_failures"] for t in pending) if trains_in_process(resources) else 0
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": tune_trial_cpus(resources)}),
             param_space={"trial": tune.grid_search([t.to_json() for t in pending])},
@@ -143,10 +146,7 @@ def _run_tune(study: Study, trials: list[Trial], pending: list[Trial], results: 
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str((results.path / "tune").resolve()),
                 verbose=0,
-                # A trial training in its actor dies with it (a crash, the OOM killer): Tune runs it again in a
-                # fresh actor, resuming from its checkpoints, as often as Ray Train would have replaced its worker.
-                failure_config=tune.FailureConfig(
-                    max_failures=max(t.training["max_failures"] for t in pending) if trains_in_process(resources) else 0),
+                failure_config=tune.FailureConfig(max_failures=actor_retries),
                 callbacks=[_Recorder(results, order, progress, labels, console)],
             ),
         )
@@ -168,12 +168,17 @@ def tune_trial_cpus(resources) -> float:
     return resources.cpus_per_worker if trains_in_process(resources) else TUNE_TRIAL_CPUS
 
 
+def trial_cpus(resources) -> float:
+    """The CPUs one trial holds in all: its Tune trial's, and its Train workers' unless it trains in-process."""
+    workers = 0 if trains_in_process(resources) else resources.workers_per_trial
+    return tune_trial_cpus(resources) + workers * resources.cpus_per_worker
+
+
 def trial_concurrency(resources, cpus: float, gpus: float, max_concurrent: int | None, pending: int) -> int:
     """Trials at a time: as many as fit the CPUs and GPUs the cluster can grow to (an autoscaler adds nodes as
     Tune's queued trials ask for them), bounded by `--max-concurrent`, `resources.max_concurrent` and the
     trials left."""
-    workers = 0 if trains_in_process(resources) else resources.workers_per_trial
-    fit = max(1, int(cpus // (workers * resources.cpus_per_worker + tune_trial_cpus(resources))))
+    fit = max(1, int(cpus // trial_cpus(resources)))
     if resources.gpus_per_worker:
         fit = min(fit, max(1, int(gpus // (resources.workers_per_trial * resources.gpus_per_worker))))
     return min(x for x in (fit, max_concurrent, resources.max_concurrent, pending) if x)

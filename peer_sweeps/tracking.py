@@ -8,11 +8,10 @@ W&B mirrors it from rank 0 only (every evaluation, and training steps at a strid
 trial id, group = study, job_type = kind, config = the resolved trial with its derived counts beside flat
 keys to group and filter runs by (`COMPARISON_KEYS`, valued as in trials.parquet), tags for method and
 budget, every metric plotted against tokens (`flops` is logged and defined too, so any panel can switch its
-x-axis to it), the final evaluation in the summary. A W&B
-failure (no network, an init time-out after $PEER_SWEEPS_WANDB_INIT_TIMEOUT seconds, default 60, a full
-disk) never stops the trial: it is reported once per trial (one stderr line from the trial's rank-0
-worker, naming the trial, which `peer-sweeps run` copies from the trial's log to its console) and the
-mirror goes quiet.
+x-axis to it), the final evaluation in the summary. A W&B failure (no network, an init time-out after
+$PEER_SWEEPS_WANDB_INIT_TIMEOUT seconds, default 60, a full disk) never stops the trial: it is reported once
+per trial (one stderr line from the trial's rank-0 worker, naming the trial, which `peer-sweeps run` copies
+from the trial's log to its console) and the mirror goes quiet.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def test_in_process_trains_like_a_worker_process(both_ways):
     assert losses(local_dir, trial) == losses(worker_dir, trial) and len(losses(local_dir, trial)) == trial.steps
     assert in_process["ppl"] == in_worker["ppl"] and in_process["usage"] == in_worker["usage"]
     assert_same_tensors(final_engine_state(local_dir, trial), final_engine_state(worker_dir, trial))
-    kept = sorted(p.name for p in trial_dir(local_dir, trial.trial_id).iterdir() if p.name.startswith(("checkpoint", ".")))
+    directory = trial_dir(local_dir, trial.trial_id)
+    kept = sorted(p.name for p in directory.iterdir() if p.name.startswith(("checkpoint", ".")))
     assert len(kept) == 1 and kept[0].startswith(f"checkpoint_step{trial.steps:08d}_"), kept
 
 

@@ -2,8 +2,8 @@
 
 End-to-end, through the real `peer-sweeps` process, on tiny studies of dense d16 L1 trials (conftest):
 - `test_killed_run_resumes_without_retraining`: `peer-sweeps run` SIGKILLed (its whole process group,
-  Ray included) once its second trial is half trained. While it ran: a second `run` and a `trial` of the same
-  directory were refused (exit 2, the lock); `status` was read repeatedly (every read counting the two
+  Ray included) once its second trial is half trained. While it ran: a second `run` and a `trial` of the
+  same directory were refused (exit 2, the lock); `status` was read repeatedly (every read counting the two
   trials), `report` once, and trials.parquet and curves.parquet repeatedly, never torn, every trial that
   trials.parquet lists already in curves.parquet (curves are replaced first). After the kill:
   trials.parquet readable, no Ray process left. Then the same command again: the study completes; the
@@ -163,6 +163,7 @@ def test_killed_run_resumes_without_retraining(small_study, tmp_path, monkeypatc
     # the next one starts within a fraction of a second of the last one's row).
     study = small_study(tmp_path / "study.yaml", budgets=(1.0e10, 4.0e10))
     first, second = _plan(study)
+    second_half_done = _planned_steps(study)[1] // 2
     out = tmp_path / "out"
     command = [*PEER_SWEEPS, "run", str(study), "--out", str(out), "--max-concurrent", "1", "--wandb", "disabled"]
     log = tmp_path / "run1.log"
@@ -177,7 +178,7 @@ def test_killed_run_resumes_without_retraining(small_study, tmp_path, monkeypatc
         refused = trial_refused = report = None
         parquet_reads = status_reads = 0
         deadline = time.time() + 600
-        while _steps_recorded(out / "trials" / second) < _planned_steps(study)[1] // 2:  # the second trial half done
+        while _steps_recorded(out / "trials" / second) < second_half_done:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "second trial not started in time"
             if refused is None and is_locked(out):

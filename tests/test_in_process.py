@@ -13,10 +13,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import ray
@@ -25,24 +22,15 @@ import yaml
 from peer_sweeps.plan import plan_study
 from peer_sweeps.study import parse_study
 from peer_sweeps.trial import METRICS_FILE, run_trial, trial_dir
-from test_trial import (FirstAttemptRecord, assert_resumed_at_checkpoint, assert_same_tensors, final_engine_state,
-                        losses, make_study)
+from test_reliability import PEER_SWEEPS, _env
+from test_trial import (FirstAttemptRecord, assert_resumed_at_checkpoint, assert_same_tensors, data_root,  # noqa: F401
+                        final_engine_state, losses, make_study, ray_cluster)
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def peer_study(data_root, **training) -> dict:
     return make_study(data_root, method="peer", budget=1.95e9, checkpoints=4, evals=2, **training)  # 33 steps
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    from cluster.runtime import ray_session
-
-    with ray_session(None, num_cpus=3, storage_path=tmp_path_factory.mktemp("ray")) as session:
-        yield session
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +41,6 @@ def both_ways(ray_cluster, data_root, tmp_path_factory):
     in_task = ray.remote(num_cpus=1)(run_trial)
     in_process = ray.get(in_task.remote(trial, local_dir, "disabled", data_root=data_root, in_process=True))
     return trial, (in_worker, worker_dir), (in_process, local_dir)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from peer_sweeps.data import prepare_suite
-
-    root = tmp_path_factory.mktemp("data")
-    prepare_suite("fixture", root, 512)
-    return root
 
 
 def test_in_process_trains_like_a_worker_process(both_ways):
@@ -77,16 +56,15 @@ def test_in_process_trains_like_a_worker_process(both_ways):
 
 def test_a_trial_killed_in_its_actor_resumes_from_its_checkpoint(both_ways, data_root, tmp_path):
     trial, _, (clean, clean_dir) = both_ways
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump(peer_study(data_root, max_failures=1), sort_keys=False))
-    (planned,) = plan_study(parse_study(yaml.safe_load(study.read_text())))
+    spec, study = peer_study(data_root, max_failures=1), tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(spec, sort_keys=False))
+    (planned,) = plan_study(parse_study(spec))
     out = tmp_path / "out"
     kill_step = trial.steps * 3 // 4
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PEER_SWEEPS_", "RAY_"))}
-    env |= {"PYTHONPATH": str(REPO), "PEER_SWEEPS_FAULT": f"kill:{planned.trial_id}:{kill_step}"}
+    env = _env(PEER_SWEEPS_FAULT=f"kill:{planned.trial_id}:{kill_step}")
     watcher = FirstAttemptRecord(trial_dir(out, planned.trial_id))
-    done = subprocess.run([sys.executable, "-m", "peer_sweeps.cli", "run", str(study), "--out", str(out),
-                           "--wandb", "disabled"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    done = subprocess.run([*PEER_SWEEPS, "run", str(study), "--out", str(out), "--wandb", "disabled"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     first_attempt = watcher.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (trial_dir(out, planned.trial_id) / ".fault-kill-done").exists(), "the fault did not fire"

@@ -284,7 +284,7 @@ def load_study(path: str | Path) -> Study:
     except OSError as e:  # permissions, a path through a file, an I/O error
         raise StudyError(f"{path}: cannot read: {e.strerror or type(e).__name__}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StudyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -292,6 +292,21 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: expected a mapping of study fields, got {type(raw).__name__}")
     return parse_study(raw, source=str(path))
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
+    value and silently drops the first, so a study with `methods:` twice would run half its arms."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
 
 
 def parse_study(raw: dict[str, Any], source: str = "<study>") -> Study:

@@ -66,6 +66,7 @@ def _ablation(**design):
 STUDY_CASES = [
     ("yaml-syntax", raw("name: tiny\ntraining: {seq_len: 32\n"), ["invalid YAML", "line 3"]),
     ("yaml-tab-indent", raw("name: tiny\ntraining:\n\tseq_len: 32\n"), ["invalid YAML", "line 3"]),
+    ("yaml-duplicate-key", raw("name: tiny\nname: other\n"), ["invalid YAML", "line 2", "'name' given twice"]),
     ("not-a-mapping", raw("- dense\n- peer\n"), ["expected a mapping of study fields, got list"]),
     ("empty-file", raw(""), ["expected a mapping of study fields"]),
     ("not-utf8", raw(b"name: tiny\n# \xff\xfe\n"), ["not a UTF-8 text file"]),

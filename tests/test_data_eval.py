@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peer_sweeps.data import TrainBatches, evaluate_lm
+from peer_sweeps.data.evaluate import evaluation_metrics
 
 
 class Uniform(torch.nn.Module):
@@ -35,6 +36,12 @@ def test_bits_per_byte_by_hand():
     assert out["loss"] == pytest.approx(math.log(4))
     assert out["ppl"] == pytest.approx(4.0)
     assert out["bpb"] == pytest.approx(6 * 2 / 13)
+
+
+def test_perplexity_past_float_range_is_infinite_not_an_error():
+    """A wrecked model's loss of 1,000 nats per token: perplexity inf (math.exp raised OverflowError)."""
+    metrics = evaluation_metrics(torch.tensor([1000.0 * 64, 900.0 * 64, 100.0, 64.0], dtype=torch.float64))
+    assert metrics["loss"] == 1000.0 and metrics["ppl"] == math.inf and metrics["tokens"] == 64
 
 
 def test_end_of_text_targets_count_in_loss_but_not_in_bits_per_byte():

@@ -97,7 +97,8 @@ def evaluation_metrics(sums: torch.Tensor) -> dict[str, float]:
     """loss, ppl, bpb and tokens (targets scored) from the sums of `evaluation_sums` (one host read)."""
     nats, text_nats, total_bytes, targets = sums.tolist()
     loss = nats / targets
-    return {"loss": loss, "ppl": math.exp(loss), "bpb": text_nats / math.log(2) / max(total_bytes, 1),
+    ppl = math.exp(loss) if loss < math.log(np.finfo(np.float64).max) else math.inf  # a wrecked model: inf, not an error
+    return {"loss": loss, "ppl": ppl, "bpb": text_nats / math.log(2) / max(total_bytes, 1),
             "tokens": targets}
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .peer_kernels import empty_table
-from .peer_ops import GradBuffers, peer_experts, product_key_topk_sparse
+from .peer_ops import GradBuffers, peer_experts, product_key_topk_sparse, topk_softmax
 from .product_keys import batch_normed_queries, product_key_topk
 from .routing import RoutingStats
 
@@ -153,6 +153,9 @@ class PEER(PEERReference):
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return product_key_topk_sparse(self.query(x), self.sub_keys, self.top_k)
+
+    def gates(self, scores: torch.Tensor) -> torch.Tensor:
+        return topk_softmax(scores) if self.score_fn == "softmax" else scores.sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, indices = self.retrieve(x)  # [..., H, K]

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import flop_formulas  # noqa: F401  (FlopCounterMode counts the value reads)
 from .peer import QueryBatchNorm, check_product_key_shape
-from .peer_ops import product_key_topk_sparse, weighted_rows
+from .peer_ops import product_key_topk_sparse, topk_softmax, weighted_rows
 from .product_keys import batch_normed_queries
 from .routing import RoutingStats
 
@@ -46,7 +46,7 @@ class PKM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, indices = self.retrieve(x)  # [..., H, K]
-        weights = scores.softmax(dim=-1)
+        weights = topk_softmax(scores)
         self.routing_stats.add(indices, weights)
         bags = indices.reshape(-1, self.heads * self.top_k)
         out = weighted_rows(bags, self.values, weights.reshape(bags.shape))

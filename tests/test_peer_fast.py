@@ -77,7 +77,7 @@ def test_fast_peer_matches_reference_float64(backend, layout, score_fn, activati
         torch.testing.assert_close(fast.query_norm.running_var, ref.query_norm.running_var)
 
 
-@pytest.mark.parametrize("num_experts,heads,top_k", [(64**2, 8, 16), (32**2, 2, 32)])
+@pytest.mark.parametrize("num_experts,heads,top_k", [(64**2, 8, 16), (32**2, 2, 32), (64**2, 4, 8)])
 def test_fast_peer_matches_reference_float32(backend, num_experts, heads, top_k):
     torch.manual_seed(num_experts + heads)
     dim = 64
@@ -375,3 +375,24 @@ def test_pkm_value_read_matches_embedding_bag(backend):
     for name, p in layer.named_parameters():  # sums of thousands of terms: to rounding of the largest
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item(),
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("top_k", [1, 4, 8, 12, 16])
+def test_topk_softmax_is_softmax(top_k):
+    """The gates of PEER and PKM: torch's softmax, forward and backward, up to float rounding, on retrieval
+    scores (sorted descending), including a row of equal scores and rows far from zero."""
+    from model.peer_ops import topk_softmax
+
+    torch.manual_seed(top_k)
+    scores = (torch.randn(512, 4, top_k) * 3).sort(-1, descending=True).values
+    scores[0, 0] = 1.5
+    scores[1, 0] += 200.0  # a row far from zero: exp overflows float32 unless a score is subtracted
+    scores[2, 0, 0] += 200.0  # a first score far above the rest: unless it is the one subtracted
+    scores.requires_grad_()
+    weight = torch.randn_like(scores)
+    gates = topk_softmax(scores)
+    (g,) = torch.autograd.grad((gates * weight).sum(), scores)
+    ref = scores.detach().requires_grad_()
+    (g_ref,) = torch.autograd.grad((ref.softmax(-1) * weight).sum(), ref)
+    torch.testing.assert_close(gates, ref.softmax(-1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)

@@ -15,10 +15,11 @@ import json
 
 import datasets
 import numpy as np
+import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peer_sweeps.data import SUITES, load_suite
+from peer_sweeps.data import SUITES, DataError, load_suite
 from peer_sweeps.data.sources import clean_text, passages
 from peer_sweeps.data.suites import C4, FIXTURES
 
@@ -93,3 +94,30 @@ def test_c4_suite_sources_prepare_from_local_datasets(tmp_path, monkeypatch):
     again = CliRunner().invoke(app, ["data", "prepare", "--study", str(study)], prog_name="peer-sweeps")
     assert again.exit_code == 0, again.output
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == files
+
+
+def test_unreachable_hub_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    """`data prepare --suite c4` on a machine without hub access (datasets raises ConnectionError after its
+    retries, ~25 s here; simulated): after the progress line, one line naming the source and dataset, exit 2,
+    no traceback, no file left in the data root."""
+    def unreachable(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    from peer_sweeps.cli import app
+
+    root = tmp_path / "data"
+    result = CliRunner().invoke(app, ["data", "prepare", "--suite", "c4", "--root", str(root)], prog_name="peer-sweeps")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        "peer-sweeps: error: source 'c4_train': cannot load Hugging Face dataset allenai/c4: "
+        "Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
+    assert "Traceback" not in result.output
+    assert not [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_a_dataset_that_is_not_there_is_one_line(tmp_path):
+    """A Hugging Face source whose local dataset directory is missing: DataError naming it, not a traceback."""
+    source = dataclasses.replace(C4.sources(C4.validation)[0], path=str(tmp_path / "missing"), config=None)
+    with pytest.raises(DataError, match=r"cannot load Hugging Face dataset .*missing: Couldn't find any data file"):
+        source.documents(tmp_path / "cache")

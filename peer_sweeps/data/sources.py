@@ -126,15 +126,19 @@ class HFDataset:
         except ImportError:
             raise DataError(f"source {self.name!r} needs the `datasets` package: pip install datasets") from None
         data_files = list(self.data_files) if self.data_files else None
-        dataset = datasets.load_dataset(self.path, self.config, split=self.split, data_files=data_files,
-                                        streaming=self.streaming)
         rows: list[str] = []
-        for row in dataset:
-            if self.max_documents is not None and len(rows) >= self.max_documents:
-                break
-            if self.field not in row:
-                raise DataError(f"source {self.name!r}: dataset {self.path} has no field {self.field!r}")
-            rows.append(str(row[self.field]))
+        try:  # a streamed dataset reads (and can fail) while it is iterated
+            dataset = datasets.load_dataset(self.path, self.config, split=self.split, data_files=data_files,
+                                            streaming=self.streaming, cache_dir=str(Path(cache_dir) / "huggingface"))
+            for row in dataset:
+                if self.max_documents is not None and len(rows) >= self.max_documents:
+                    break
+                if self.field not in row:
+                    raise DataError(f"source {self.name!r}: dataset {self.path} has no field {self.field!r}")
+                rows.append(str(row[self.field]))
+        except OSError as e:  # no network, no hub access, no such dataset (datasets' errors are OSErrors)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"source {self.name!r}: cannot load Hugging Face dataset {self.path}: {reason}") from None
         docs = passages("".join(rows)) if self.passages else rows
         return clean_documents(docs)
 

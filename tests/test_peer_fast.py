@@ -158,7 +158,7 @@ def test_kernels_match_dense_math(backend):
 
 
 @pytest.mark.parametrize("num_sub,half,top_k", [(128, 64, 16), (20, 3, 5), (37, 8, 20), (16, 4, 16), (33, 5, 33),
-                                                (64, 16, 1), (48, 7, 40)])
+                                                (64, 16, 1), (48, 7, 40), (64, 8, 8), (16, 8, 8)])
 def test_product_key_topk_float32_is_exact(backend, num_sub, half, top_k):
     """The float32 C++ retrieval (scores in registers, candidates above a group-maxima bound) returns the exact
     top-k over all S^2 composed keys, for S not a multiple of 16 and k above 16 too."""
@@ -333,7 +333,7 @@ def test_sparse_grads_accumulate_and_released_buffers_are_reused(backend):
     torch.testing.assert_close(layer.w_up.weight.grad.to_dense(), first)
 
 
-@pytest.mark.parametrize("top_k", [4, 16, 20])
+@pytest.mark.parametrize("top_k", [4, 8, 9, 16, 20])
 def test_product_key_topk_float32_is_exact_under_ties(backend, top_k):
     """Small integer queries and keys: many composed scores tie, also across the k-th place. The result is a
     top-k all the same: the k best scores, each at an index whose score it is, no index twice."""

@@ -296,11 +296,14 @@ def load_study(path: str | Path) -> Study:
 
 class _StudyLoader(yaml.SafeLoader):
     """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
-    value and silently drops the first, so a study with `methods:` twice would run half its arms."""
+    value and silently drops the first, so a study with `methods:` twice would run half its arms. Keys merged in
+    with `<<: *anchor` may still be overridden, as YAML intends."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(

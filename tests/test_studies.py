@@ -56,6 +56,23 @@ def test_every_study_plans_and_meets_its_budgets(path):
         assert trial.tokens == trial.steps * trial.batch_tokens
 
 
+def test_anchors_and_merge_keys_still_load(tmp_path):
+    """Study files may share settings by YAML anchors and override merged keys (`<<: *x` then the key again):
+    that is not a key given twice (test_bad_inputs refuses those)."""
+    path = tmp_path / "merged.yaml"
+    path.write_text(
+        "name: merged\n"
+        "methods:\n"
+        "  peer: &peer {num_experts: 1024, heads: 2, top_k: 4, query_dim: 16}\n"
+        "  pkm:\n"
+        "    <<: *peer\n"
+        "    top_k: 8\n"
+        "design: {kind: isoflop, budgets: [1.0e9], sizes: [{d_model: 16, n_layers: 1}]}\n")
+    study = load_study(path)
+    assert study.methods["pkm"].top_k == 8 and study.methods["pkm"].num_experts == 1024
+    assert study.methods["peer"].top_k == 4
+
+
 def test_cpu_isoflop_study_has_the_promised_shape():
     """Curves to find a minimum on, at more than one budget, and every cell seeded three times (issue 16)."""
     study = load_study(ROOT / "studies" / "isoflop.yaml")

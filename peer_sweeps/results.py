@@ -42,6 +42,7 @@ class ResultsDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ResultsDirError(f"{self.path}: results directory is a file")
+        self._curves: dict[str, tuple[tuple, pa.Table]] = {}  # trial_id -> (its metrics file's state, its curve)
 
     @property
     def records(self) -> Path:
@@ -78,7 +79,11 @@ class ResultsDir:
     # consolidation
 
     def consolidate(self, trial_order: Iterable[str] = (), eval_sets: list[str] | None = None) -> None:
-        """Rebuilds trials.parquet and curves.parquet from the records, atomically."""
+        """Rebuilds trials.parquet and curves.parquet from the records, atomically.
+
+        The driver consolidates after every trial. A trial's curve is read again only when its metrics file
+        changed since this object last read it: reading every finished trial's steps each time made the gap
+        between trials grow with the trials done (default study: 0.07 s a trial at the start, 1-2.7 s after 80)."""
         rows = self.rows()
         order = {tid: i for i, tid in enumerate(trial_order)}
         ordered = sorted(rows.values(), key=lambda r: (order.get(r["trial_id"], len(order)), r["trial_id"]))
@@ -87,14 +92,27 @@ class ResultsDir:
         table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in ordered], schema=schema)
 
         cschema = curves_schema(sets)
-        curve_rows = []
-        for row in ordered:
-            for record in read_metrics(trial_dir(self.path, row["trial_id"]) / METRICS_FILE):
-                if "lr" not in record:
-                    record = {**record, "lr": None}
-                curve_rows.append({name: record.get(name) for name in cschema.names} | {"trial_id": row["trial_id"]})
-        write_parquet_atomic(pa.Table.from_pylist(curve_rows, schema=cschema), self.path / "curves.parquet")
+        curves = pa.concat_tables([self._curve(row["trial_id"], cschema) for row in ordered]) if ordered \
+            else cschema.empty_table()
+        write_parquet_atomic(curves, self.path / "curves.parquet")
         write_parquet_atomic(table, self.path / "trials.parquet")
+
+    def _curve(self, trial_id: str, schema: pa.Schema) -> pa.Table:
+        """One trial's rows of curves.parquet, from its metrics file (cached while the file is unchanged)."""
+        path = trial_dir(self.path, trial_id) / METRICS_FILE
+        try:
+            stat = path.stat()
+            state = (stat.st_mtime_ns, stat.st_size, stat.st_ino, schema)
+        except OSError:
+            state = None
+        cached = self._curves.get(trial_id)
+        if state is not None and cached is not None and cached[0] == state:
+            return cached[1]
+        curve = pa.Table.from_pylist([{name: record.get(name) for name in schema.names} | {"trial_id": trial_id}
+                                      for record in read_metrics(path)], schema=schema)
+        if state is not None:
+            self._curves[trial_id] = (state, curve)
+        return curve
 
     def remove_partial_files(self) -> None:
         """Removes what a killed writer left half-written (`.<name>.tmp<pid>`); call holding the lock."""

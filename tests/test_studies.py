@@ -74,7 +74,7 @@ def test_anchors_and_merge_keys_still_load(tmp_path):
 
 
 def test_cpu_isoflop_study_has_the_promised_shape():
-    """Curves to find a minimum on, at more than one budget, and every cell seeded three times (issue 16)."""
+    """Curves to find a minimum on, at more than one budget, and every cell seeded at least three times (issue 16)."""
     study = load_study(ROOT / "studies" / "isoflop.yaml")
     trials = plan_study(study)
     budgets = {t.budget_flops for t in trials}

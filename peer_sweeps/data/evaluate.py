@@ -97,7 +97,10 @@ def evaluation_metrics(sums: torch.Tensor) -> dict[str, float]:
     """loss, ppl, bpb and tokens (targets scored) from the sums of `evaluation_sums` (one host read)."""
     nats, text_nats, total_bytes, targets = sums.tolist()
     loss = nats / targets
-    ppl = math.exp(loss) if loss < math.log(np.finfo(np.float64).max) else math.inf  # a wrecked model: inf, not an error
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:  # a wrecked model (loss above ~709.78 nats): inf, not an error
+        ppl = math.inf
     return {"loss": loss, "ppl": ppl, "bpb": text_nats / math.log(2) / max(total_bytes, 1),
             "tokens": targets}
 
